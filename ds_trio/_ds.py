@@ -1,0 +1,424 @@
+"""The DS object: one socket, one task, one ``event_step`` callback.
+
+The seed registers each object's fd with a process-wide epoll set and calls
+``event_step`` when it is ready.  Here each object is a task in its loop's
+task group that waits for its armed interest with ``wait_readable`` /
+``wait_writable`` and then calls ``event_step``.  trio's epoll backend
+already registers every wait with ``EPOLLONESHOT`` and re-arms it on the
+next wait, so DS's one-shot interest re-armed by ``epwait`` costs the same
+syscalls as the seed.
+
+There is deliberately one callback for both directions: a TLS read may have
+to write and a TLS write may have to read, so only the object, from its own
+state, knows which call to make next (``Documentation/technical/ds.txt``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import socket
+import stat
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
+
+import anyio
+
+from ._flags import DIRECTIONS, EPOLLIN, EPOLLONESHOT, check_events
+from ._loop import (
+    ErrorPolicy,
+    EventLoop,
+    Reset,
+    SetLoopTimeout,
+    SetPostLoopCallback,
+    _current,
+    _state,
+    requeue,
+)
+
+if TYPE_CHECKING:
+    from ._backend import CancelScopeLike
+    from ._loop import Loop, _State
+
+__all__ = ["DS"]
+
+log = logging.getLogger("ds_trio.ds")
+
+_IN: Final = int(EPOLLIN)
+_ONESHOT: Final = int(EPOLLONESHOT)
+_IN_ONESHOT: Final = int(EPOLLIN | EPOLLONESHOT)
+_OUT: Final = 0x004
+_BOTH: Final = DIRECTIONS
+
+# ``_waiting`` when the task is not parked in a wait (running a step, not
+# started, or ended).
+_NOT_WAITING: Final = -1
+
+
+def _check_socket(sock: object) -> int:
+    """Validate what ``DS()`` was given; return its fd and make it non-blocking."""
+    if isinstance(sock, int):
+        raise TypeError(
+            "DS() needs a socket object, not a raw fd number: a socket object's "
+            "fileno() turns to -1 when closed, a raw number can be reused"
+        )
+    fileno = getattr(sock, "fileno", None)
+    if not callable(fileno) or not callable(getattr(sock, "close", None)):
+        raise TypeError(
+            f"DS() needs a socket (an object with fileno() and close()), "
+            f"got {type(sock).__name__}"
+        )
+    try:
+        fd = fileno()
+    except ValueError as exc:  # file objects raise on a closed file
+        raise ValueError(f"DS() was given a closed {type(sock).__name__}") from exc
+    if not isinstance(fd, int):
+        raise TypeError(f"{type(sock).__name__}.fileno() returned {fd!r}")
+    if fd < 0:
+        raise ValueError(
+            f"DS() was given a closed {type(sock).__name__} (fileno() == {fd})"
+        )
+    if isinstance(sock, socket.socket):
+        sock.setblocking(False)
+    else:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            raise TypeError(
+                f"fd {fd} is a regular file or directory; epoll cannot watch it"
+            )
+        os.set_blocking(fd, False)
+    return fd
+
+
+class DS:
+    """Base class of every DS object (``PublicInbox::DS``).
+
+    ``DS(sock, events)`` registers ``sock`` (a socket, or another pollable
+    object with ``fileno()`` and ``close()`` such as a pipe) under its fd
+    number and starts the object's task in the running loop, or in the next
+    loop started in this thread when none is running.  Subclasses implement
+    :meth:`event_step`, synchronous or ``async def``.
+
+    ``events`` is a mask of :class:`ds_trio.Events` bits: ``EPOLLIN`` and/or
+    ``EPOLLOUT`` choose the directions; with ``EPOLLONESHOT`` the object is
+    disarmed after one ``event_step`` until :meth:`epwait` re-arms it,
+    without it the interest stays armed (level-triggered).
+
+    Raises:
+        TypeError: ``sock`` is not a socket-like object (a raw fd number, a
+            regular file, anything without ``fileno()``), or ``events`` is
+            not an int.
+        ValueError: ``sock`` is closed, or ``events`` has unknown bits.
+        AlreadyRegisteredError: its fd is already registered.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_ds_running",
+        "_ds_state",
+        "_ev",
+        "_fd",
+        "_scope",
+        "_steps_due",
+        "_waiting",
+        "rbuf",
+        "sock",
+        "wbuf",
+    )
+
+    #: Error policy for this class's objects (``"raise"`` or ``"log"``);
+    #: ``None`` uses the loop's.
+    errors: ClassVar[ErrorPolicy | None] = None
+    #: Set per subclass: whether ``event_step`` is a coroutine function.
+    _ds_async_step: ClassVar[bool] = False
+    #: Marks DS objects for the loop without an import cycle.
+    _ds_is_ds: ClassVar[bool] = True
+
+    sock: Any
+    rbuf: bytearray | None
+    wbuf: list[Any] | None
+    _ds_state: _State
+
+    # ------------------------------------------------------------------
+    # Legacy class methods: PublicInbox::DS->EventLoop, ->SetPostLoopCallback,
+    # ->SetLoopTimeout, ->Reset.  The same objects as the module functions.
+    # ------------------------------------------------------------------
+    EventLoop = staticmethod(EventLoop)
+    SetPostLoopCallback = staticmethod(SetPostLoopCallback)
+    SetLoopTimeout = staticmethod(SetLoopTimeout)
+    Reset = staticmethod(Reset)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._ds_async_step = inspect.iscoroutinefunction(cls.event_step)
+
+    def __init__(self, sock: Any, events: int = _IN_ONESHOT) -> None:
+        fd = _check_socket(sock)
+        ev = check_events(events)
+        self.sock = sock
+        self.rbuf = None
+        self.wbuf = None
+        self._fd = fd
+        self._ev = ev
+        self._scope: CancelScopeLike | None = None
+        self._waiting = _NOT_WAITING
+        self._steps_due = 0
+        self._ds_running = False
+        _state().register(self, fd)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.sock is None else f"events={self._ev:#x}"
+        return f"<{type(self).__name__} fd={self._fd} {state}>"
+
+    # ------------------------------------------------------------------
+    # What subclasses implement
+    # ------------------------------------------------------------------
+
+    def event_step(self) -> Any:
+        """Called when the armed interest is ready, or when requeued.
+
+        The loop does not say which direction fired: the object decides from
+        its own state.  Every exit path must leave the object re-armed
+        (``epwait``, usually through ``do_read``/``write`` hitting EAGAIN),
+        requeued, or closed, or it is never called again.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must define event_step()")
+
+    # ------------------------------------------------------------------
+    # Interest, read path, lifecycle
+    # ------------------------------------------------------------------
+
+    requeue = requeue
+
+    def epwait(self, events: int) -> None:
+        """Replace the armed interest (the seed's ``epwait``: ``EPOLL_CTL_MOD``).
+
+        Takes effect at once: a wait in the old direction is interrupted,
+        also when called from outside the object's task.  A no-op on a
+        closed object (the seed confessed ENOENT there and killed the
+        worker; newer DS stops re-arming closed transports).
+        """
+        if type(events) is not int:
+            events = check_events(events)
+        elif events & ~0xD0000005:
+            check_events(events)
+        if self.sock is None:
+            return
+        self._ev = events
+        waiting = self._waiting
+        if waiting >= 0 and waiting != events & _BOTH:
+            scope = self._scope
+            if scope is not None:
+                scope.cancel()
+
+    def do_read(self, rbuf: bytearray, length: int, offset: int = 0) -> int:
+        """Read up to ``length`` bytes into ``rbuf`` at ``offset``.
+
+        As Perl's ``sysread`` with an offset, ``rbuf`` ends right after the
+        data read (shorter buffers are padded with NUL bytes up to
+        ``offset``).
+
+        Returns:
+            The number of bytes read; 0 when nothing was read: on EOF (the
+            object is closed), on EAGAIN (read interest re-armed with
+            ``EPOLLIN|EPOLLONESHOT`` and a non-empty ``rbuf`` kept through
+            :meth:`rbuf_idle`), or on any other error (closed, not logged:
+            clients break connections all the time).  Check ``self.sock`` to
+            tell them apart.
+        """
+        sock = self.sock
+        if sock is None:
+            return 0
+        try:
+            data = sock.recv(length)
+        except BlockingIOError:
+            # The seed calls epwait() and rbuf_idle() as plain functions
+            # here (no subclass override applies); inlined because this is
+            # the end of nearly every step.  Inside the object's own step
+            # nothing waits on the fd, so there is no wait to interrupt.
+            if self._waiting < 0:
+                self._ev = _IN_ONESHOT
+            else:
+                self.epwait(_IN_ONESHOT)
+            self.rbuf = rbuf if rbuf else None
+            return 0
+        except OSError:
+            self.close()
+            return 0
+        n = len(data)
+        if n == 0:
+            self.close()
+            return 0
+        if offset == len(rbuf):
+            rbuf += data
+        elif offset < len(rbuf):
+            rbuf[offset:] = data
+        else:
+            rbuf += bytes(offset - len(rbuf))
+            rbuf += data
+        return n
+
+    def rbuf_idle(self, rbuf: bytearray) -> None:
+        """Keep a non-empty partial read in ``self.rbuf``; drop an empty one.
+
+        Dropping empty buffers is what lets 10k idle clients cost little; a
+        kept ``rbuf`` also tells graceful shutdown the client is mid-request.
+        """
+        self.rbuf = rbuf if rbuf else None
+
+    def close(self) -> bool:
+        """Close the object (idempotent); queued output is discarded.
+
+        The object leaves the poller at once and its task ends, but its fd
+        stays open and in the descriptor map until the current round ends:
+        the seed defers the real close so the fd number cannot be reused by
+        a connection accepted later in the same round.  No ``shutdown(2)``.
+
+        Returns:
+            False, always (the seed returns 0): callers write
+            ``return self.close()`` on error paths.
+        """
+        sock = self.sock
+        if sock is None:
+            return False
+        self.sock = None
+        # Dropping the queue also breaks self-referential closures queued
+        # in it (a queued "close me" callback holding the object).
+        self.wbuf = None
+        scope = self._scope
+        if scope is not None and self._waiting >= 0:
+            scope.cancel()
+        self._ds_state.schedule_close(self, sock)
+        return False
+
+    def drop(self, *message: object) -> bool:
+        """Log ``message`` as a warning and close (the seed's ``drop``).
+
+        For errors that need an operator's attention (ENOSPC, EMFILE, ...).
+        """
+        log.warning("%r dropped: %s", self, " ".join(str(part) for part in message))
+        return self.close()
+
+    def shutdn(self) -> bool | None:
+        """Shut the connection down: close it (TLS objects first send close_notify).
+
+        Returns:
+            None if already closed, else what :meth:`close` returns.
+        """
+        if self.sock is None:
+            return None
+        return self.close()
+
+    # ------------------------------------------------------------------
+    # The object's task
+    # ------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        """Forget the (ended) task: the object moves to another state."""
+        self._scope = None
+        self._waiting = _NOT_WAITING
+        self._ds_running = False
+
+    def _step_from_queue(self) -> None:
+        """Run a requeued step (called by the driver, in FIFO order)."""
+        state = cast("Loop", self._ds_state)
+        if not self._ds_async_step:
+            try:
+                self.event_step()
+            except Exception as exc:
+                state.failed(exc, self, self)
+            return
+        if self._ds_running:
+            # The object's own task runs async steps, one at a time.
+            self._steps_due += 1
+            if self._waiting >= 0 and self._scope is not None:
+                self._scope.cancel()
+        else:
+            state.spawn_step(self.event_step, self)
+
+    async def _run(self) -> None:
+        state = cast("Loop", self._ds_state)
+        _current.set(state)
+        backend = state._require_backend()
+        wait_readable = backend.wait_readable
+        wait_writable = backend.wait_writable
+        sleep_forever = backend.sleep_forever
+        cancel_scope = backend.cancel_scope
+        async_step = self._ds_async_step
+        try:
+            while True:
+                sock = self.sock
+                if sock is None:
+                    return
+                if self._steps_due:
+                    self._steps_due -= 1
+                    await self.event_step()
+                    if state.post_loop_callback is not None:
+                        state.kick()
+                    continue
+                step_now = False
+                with cancel_scope() as scope:
+                    self._scope = scope
+                    # The fast path: wait, step, re-read the interest the
+                    # step set, wait again - no new scope per wake-up.
+                    while True:
+                        ev = self._ev
+                        direction = ev & _BOTH
+                        self._waiting = direction
+                        if direction == _IN:
+                            await wait_readable(sock)
+                        elif direction == _OUT:
+                            await wait_writable(sock)
+                        elif direction:
+                            await self._wait_either(sock)
+                        else:
+                            await sleep_forever()
+                        self._waiting = _NOT_WAITING
+                        # A task woken by I/O may return normally even after
+                        # close() or epwait() from elsewhere: re-check both.
+                        if self.sock is not sock or self._ev != ev or self._steps_due:
+                            break
+                        if ev & _ONESHOT:
+                            self._ev = ev & ~_BOTH
+                        if async_step:
+                            step_now = True
+                            break
+                        self.event_step()
+                        if state.post_loop_callback is not None:
+                            state.kick()
+                        if self.sock is not sock:
+                            break
+                self._scope = None
+                self._waiting = _NOT_WAITING
+                if step_now:
+                    await self.event_step()
+                    if state.post_loop_callback is not None:
+                        state.kick()
+        except backend.closed_errors:
+            return
+        except Exception as exc:
+            self._waiting = _NOT_WAITING
+            state.failed(exc, self, self)
+        finally:
+            self._scope = None
+            self._waiting = _NOT_WAITING
+            self._ds_running = False
+
+    async def _wait_either(self, sock: Any) -> None:
+        """Wait until ``sock`` is readable or writable (``EPOLLIN|EPOLLOUT``).
+
+        Neither trio nor anyio can wait for either direction in one call, so
+        this rare interest costs a small task group per wait.
+        """
+        backend = cast("Loop", self._ds_state)._require_backend()
+        async with anyio.create_task_group() as tg:
+
+            async def wait(fn: Any) -> None:
+                try:
+                    await fn(sock)
+                except backend.closed_errors:
+                    pass
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait, backend.wait_writable)
+            await wait(backend.wait_readable)

@@ -1,0 +1,807 @@
+"""The loop: a task group, the registry, the run queue, rounds and the post-loop hook.
+
+The seed keeps all of this in module globals of one process-wide loop.  Here
+it lives in a :class:`Loop` (one per ``async with ds_trio.loop()``), found
+through a ContextVar by the module-level legacy functions; outside a running
+loop those functions act on a per-thread *pending* state that the next loop
+started in that thread adopts ("create objects and timers, then EventLoop").
+
+Rounds
+------
+The seed's loop is one thread doing, per iteration: the run queue
+(``next_tick``), due timers, ``epoll_wait``, ``event_step`` for each ready
+fd, deferred closes, the post-loop callback.  Here each DS object is a task
+that waits for its own fd and calls its own ``event_step``, and one
+*driver* task plays the rest of the iteration:
+
+1. run the requeued items queued before this round (FIFO);
+2. run the due timers (deadline order, ties in insertion order);
+3. idle, unless anything ran or is queued, until a DS task reports activity,
+   work is queued, the next timer is due, or the loop timeout passes;
+4. let the scheduler run every task already woken by the kernel (the I/O
+   phase: ``settle_passes`` scheduler passes, see ``_backend``);
+5. release deferred closes, then call the post-loop callback.
+
+The driver only runs when there is something for it to do: a DS object
+that wakes, steps and re-arms costs no driver wake-up unless a post-loop
+callback is set or it closed or requeued something.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeAlias
+
+import anyio
+import anyio.abc
+
+from ._backend import Backend, CancelScopeLike, current_backend
+from ._errors import DSError, NotInLoopError
+from ._timers import Timer, TimerQueue, check_delay
+
+if TYPE_CHECKING:
+    from ._ds import DS
+
+__all__ = [
+    "DescriptorMap",
+    "EventLoop",
+    "Loop",
+    "LoopStatistics",
+    "Reset",
+    "SetLoopTimeout",
+    "SetPostLoopCallback",
+    "add_timer",
+    "current_loop",
+    "in_loop",
+    "loop",
+    "now",
+    "requeue",
+]
+
+log = logging.getLogger("ds_trio.loop")
+
+ErrorPolicy: TypeAlias = Literal["raise", "log"]
+PostLoopCallback: TypeAlias = Callable[[dict[int, "DS"]], object]
+
+_ERROR_POLICIES: Final = ("raise", "log")
+
+_current: contextvars.ContextVar[Loop | None] = contextvars.ContextVar(
+    "ds_trio.current_loop", default=None
+)
+
+
+class _Thread(threading.local):
+    pending: _State | None = None
+
+
+_thread = _Thread()
+
+
+def _check_policy(errors: object) -> ErrorPolicy:
+    if errors not in _ERROR_POLICIES:
+        raise ValueError(f"errors must be 'raise' or 'log', not {errors!r}")
+    return errors
+
+
+class _State:
+    """What the seed keeps in its module globals.
+
+    The pending state (no loop running) and every :class:`Loop` share this
+    shape, so adoption moves fields and nothing is implemented twice.
+    """
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        #: fd number -> DS object; ``%DescriptorMap``.
+        self.descriptor_map: dict[int, DS] = {}
+        #: Requeued objects and callables; ``$nextq``.
+        self.runq: list[Any] = []
+        #: Closed objects whose fd is released at the end of the round;
+        #: ``$ToClose``.
+        self.to_close: list[tuple[DS, Any]] = []
+        self.timers = TimerQueue(clock)
+        self.post_loop_callback: PostLoopCallback | None = None
+        #: Milliseconds, as the seed's ``$LoopTimeout``; negative: no bound.
+        self.loop_timeout: float = -1
+
+    # Hooks the running loop overrides; the pending state has nobody to wake.
+    def kick(self) -> None:
+        """Tell the driver there is work (no-op when no loop runs)."""
+
+    def spawn(self, obj: DS) -> None:
+        """Start the task of a newly registered object (no-op when pending)."""
+
+    def schedule_close(self, obj: DS, sock: Any) -> None:
+        """Queue a closed object's socket for release at the end of the round."""
+        self.to_close.append((obj, sock))
+
+    def register(self, obj: DS, fd: int) -> None:
+        from ._errors import AlreadyRegisteredError
+
+        other = self.descriptor_map.get(fd)
+        if other is not None:
+            raise AlreadyRegisteredError(
+                f"fd {fd} is already registered to {other!r}; close it first"
+            )
+        self.descriptor_map[fd] = obj
+        obj._ds_state = self
+        self.spawn(obj)
+
+    def release_closed(self, notify: Callable[[Any], None] | None = None) -> None:
+        """Drop closed objects from the registry and close their fds.
+
+        Deferred to the end of the round because the seed's loop could still
+        hold events for the fd in the batch it was dispatching, and a new
+        connection accepted later in the batch could otherwise get the same
+        fd number.  Each fd goes through "notify_closing, close" with no
+        checkpoint between, so no waiter can be left on a reused number.
+        """
+        while self.to_close:
+            batch, self.to_close = self.to_close, []
+            descriptor_map = self.descriptor_map
+            for obj, sock in batch:
+                fd = obj._fd
+                if descriptor_map.get(fd) is obj:
+                    del descriptor_map[fd]
+                if notify is not None:
+                    try:
+                        notify(sock)
+                    except Exception:  # a socket closed behind our back
+                        log.debug("notify_closing failed for fd %d", fd, exc_info=True)
+                try:
+                    sock.close()
+                except OSError:
+                    log.warning("closing fd %d failed", fd, exc_info=True)
+
+    def adopt(self, other: _State) -> None:
+        """Take over everything ``other`` holds (its clock may differ)."""
+        for fd, obj in other.descriptor_map.items():
+            self.register(obj, fd)
+        other.descriptor_map = {}
+        self.runq.extend(other.runq)
+        other.runq = []
+        self.to_close.extend(other.to_close)
+        other.to_close = []
+        self.timers.adopt(other.timers)
+        if other.post_loop_callback is not None:
+            self.post_loop_callback = other.post_loop_callback
+            other.post_loop_callback = None
+        if other.loop_timeout >= 0:
+            self.loop_timeout = other.loop_timeout
+            other.loop_timeout = -1
+        if self.runq or self.to_close:
+            self.kick()
+
+    def reset(self) -> None:
+        """Forget everything: close registered objects, drop timers and queues."""
+        self.runq = []
+        self.timers.cancel_all()
+        for obj in list(self.descriptor_map.values()):
+            try:
+                obj.close()
+            except Exception:
+                log.exception("close() of %r failed during Reset", obj)
+        self.post_loop_callback = None
+        self.loop_timeout = -1
+        self.kick()
+
+
+def _pending() -> _State:
+    state = _thread.pending
+    if state is None:
+        # The backend clock does not exist before a loop runs; pending timers
+        # count on the monotonic clock and are shifted onto the backend's
+        # clock when a loop adopts them.
+        state = _thread.pending = _State(time.monotonic)
+    return state
+
+
+def _state() -> _State:
+    current = _current.get()
+    return current if current is not None else _pending()
+
+
+def current_loop() -> Loop:
+    """The innermost running loop of this task.
+
+    Raises:
+        NotInLoopError: no ``ds_trio.loop()`` is running in this context.
+    """
+    current = _current.get()
+    if current is None:
+        raise NotInLoopError("no ds_trio loop is running in this context")
+    return current
+
+
+@dataclass(frozen=True, slots=True)
+class LoopStatistics:
+    """A snapshot of a loop's bookkeeping, from :meth:`Loop.statistics`."""
+
+    #: Objects in the descriptor map (closed ones stay until the round ends).
+    registered: int
+    #: Live timers.
+    timers_pending: int
+    #: Items waiting in the run queue.
+    queued: int
+    #: Closed objects whose fd is not released yet.
+    pending_closes: int
+    #: Completed rounds.
+    rounds: int
+
+
+class Loop(_State):
+    """A running DS loop; create it with :func:`ds_trio.loop`.
+
+    Use it as ``async with ds_trio.loop() as loop:``.  The block's body runs
+    beside the loop; leaving the block waits until the loop is finished, then
+    closes everything still registered.  The loop is finished when the
+    post-loop callback returns false, when :meth:`stop` is called, or - with
+    no post-loop callback - when nothing is left that could ever run: no
+    registered object, no timer, no queued work, and the body has returned.
+    If the loop finishes while the body still runs, the body is cancelled;
+    cancelling the scope around the block ends the loop.
+    """
+
+    def __init__(self, *, errors: ErrorPolicy = "raise", _keep_state: bool = False):
+        self.errors: ErrorPolicy = _check_policy(errors)
+        self._keep_state = _keep_state
+        self._backend: Backend | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._token: contextvars.Token[Loop | None] | None = None
+        self._idle_scope: CancelScopeLike | None = None
+        self._kicked = False
+        self._body_done = False
+        self._started = False
+        self._finished = False
+        self._stop_requested = False
+        self._failures: list[BaseException] = []
+        self._rounds = 0
+        # The clock is bound when the loop starts; nothing can add timers to
+        # a Loop before that (outside it they go to the pending state).
+        super().__init__(_unstarted_clock)
+        self.timers.on_new_head = self._timer_head_moved
+        self.timers.on_empty = self.kick
+
+    # ------------------------------------------------------------------
+    # Public surface
+    # ------------------------------------------------------------------
+
+    @property
+    def backend(self) -> str:
+        """``"trio"``, ``"asyncio"`` or ``"uvloop"``."""
+        return self._require_backend().name
+
+    def now(self) -> float:
+        """The backend's clock (``trio.current_time()``/``anyio.current_time()``)."""
+        return self._require_backend().current_time()
+
+    def stop(self) -> None:
+        """Finish the loop at the end of the current round."""
+        self._stop_requested = True
+        self.kick()
+
+    def statistics(self) -> LoopStatistics:
+        """Counts for operators and tests; cheap, never blocks."""
+        return LoopStatistics(
+            registered=len(self.descriptor_map),
+            timers_pending=len(self.timers),
+            queued=len(self.runq),
+            pending_closes=len(self.to_close),
+            rounds=self._rounds,
+        )
+
+    # ------------------------------------------------------------------
+    # async with
+    # ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._started:
+            raise DSError("a ds_trio loop can only be entered once")
+        self._started = True
+        backend = self._backend = current_backend()
+        self.timers.clock = backend.current_time
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+        self._token = _current.set(self)
+        try:
+            self.adopt(_pending())
+            tg.start_soon(self._driver, name=f"ds_trio driver {id(self):#x}")
+        except BaseException:
+            _current.reset(self._token)
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        assert self._tg is not None
+        assert self._backend is not None
+        tg = self._tg
+        self._body_done = True
+        if exc is None:
+            # The body returned: wait for the loop to finish.  The driver
+            # ends it by cancelling the task group, which ends this sleep.
+            self.kick()
+            try:
+                await self._backend.sleep_forever()
+            except BaseException as waited:
+                exc_type, exc, tb = type(waited), waited, waited.__traceback__
+        if not self._finished:
+            # The body failed or the enclosing scope was cancelled.
+            tg.cancel_scope.cancel()
+        raised: BaseException | None
+        try:
+            suppressed = await tg.__aexit__(exc_type, exc, tb)
+        except BaseException as group:
+            raised = group
+        else:
+            raised = None if suppressed else exc
+        finally:
+            self._teardown(clean=raised is None and not self._failures)
+            if self._token is not None:
+                _current.reset(self._token)
+                self._token = None
+        failures = self._failures
+        if raised is None and not failures:
+            return True
+        if raised is not None and failures:
+            raise BaseExceptionGroup("ds_trio loop failed", [raised, *failures])
+        if raised is None:
+            if len(failures) == 1:
+                raise failures[0]
+            raise BaseExceptionGroup("ds_trio loop failed", failures)
+        single = _single_leaf(raised)
+        if single is not None and single is not raised:
+            raise single from None
+        if raised is exc:
+            return False
+        raise raised
+
+    def _teardown(self, *, clean: bool) -> None:
+        """Close everything still registered, after every task has ended.
+
+        ``EventLoop()`` ending normally keeps its state instead (the seed's
+        loop state outlives ``EventLoop`` until ``Reset``), so a ported test
+        can single-step the loop by calling it again.
+        """
+        backend = self._backend
+        notify = backend.notify_closing if backend is not None else None
+        self._idle_scope = None
+        if self._keep_state and clean:
+            pending = _pending()
+            for obj in self.descriptor_map.values():
+                obj._detach()
+            pending.adopt(self)
+            self.post_loop_callback = None
+            return
+        self.runq = []
+        self.timers.cancel_all()
+        for obj in list(self.descriptor_map.values()):
+            obj._detach()
+            try:
+                obj.close()
+            except Exception:
+                log.exception("close() of %r failed while ending the loop", obj)
+        self.release_closed(notify)
+        self.descriptor_map.clear()
+
+    # ------------------------------------------------------------------
+    # Hooks used by DS objects and the module-level functions
+    # ------------------------------------------------------------------
+
+    def kick(self) -> None:
+        self._kicked = True
+        scope = self._idle_scope
+        if scope is not None:
+            self._idle_scope = None
+            scope.cancel()
+
+    def spawn(self, obj: DS) -> None:
+        tg = self._tg
+        if tg is None or self._finished:
+            return
+        obj._ds_running = True
+        tg.start_soon(obj._run, name=f"ds_trio {type(obj).__name__} fd={obj._fd}")
+
+    def spawn_step(self, fn: Callable[[], Any], what: object) -> None:
+        """Run an async step (requeued coroutine function) in its own task."""
+        if self._tg is not None and not self._finished:
+            self._tg.start_soon(self._run_async_item, fn, what)
+
+    def schedule_close(self, obj: DS, sock: Any) -> None:
+        backend = self._backend
+        if backend is not None:
+            # Wake a waiter on this fd at once (its task then ends) and take
+            # the fd out of the poller, as the seed's EPOLL_CTL_DEL did; the
+            # fd itself stays open until the round ends.
+            try:
+                backend.notify_closing(sock)
+            except Exception:
+                log.debug("notify_closing failed for fd %d", obj._fd, exc_info=True)
+        self.to_close.append((obj, sock))
+        self.kick()
+
+    def _timer_head_moved(self, deadline: float) -> None:
+        scope = self._idle_scope
+        if scope is not None and deadline < scope.deadline:
+            scope.deadline = deadline
+
+    # ------------------------------------------------------------------
+    # Errors
+    # ------------------------------------------------------------------
+
+    def policy_for(self, obj: object) -> ErrorPolicy:
+        override = getattr(type(obj), "errors", None) if _is_ds(obj) else None
+        if override is not None:
+            return _check_policy(override)
+        return self.errors
+
+    def failed(self, exc: Exception, what: object, obj: DS | None = None) -> None:
+        """Apply the error policy to an exception from user code.
+
+        ``raise``: remember it and finish the loop; it propagates out of
+        ``async with`` once everything is closed.  ``log``: log it with its
+        traceback, close only the offending object, keep going.
+        """
+        if self.policy_for(obj) == "log":
+            log.error(
+                "%s raised; %s",
+                what,
+                "closing it" if obj else "continuing",
+                exc_info=exc,
+            )
+            if obj is not None:
+                try:
+                    obj.close()
+                except Exception:
+                    log.exception("close() of %r failed", obj)
+            return
+        self._failures.append(exc)
+        self._finish()
+
+    async def _run_async_item(self, fn: Callable[[], Any], what: object) -> None:
+        _current.set(self)
+        try:
+            await fn()
+        except Exception as exc:
+            self.failed(exc, what, what if _is_ds(what) else None)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------
+    # The driver
+    # ------------------------------------------------------------------
+
+    def _require_backend(self) -> Backend:
+        if self._backend is None:
+            raise NotInLoopError("this ds_trio loop is not running")
+        return self._backend
+
+    def _is_finished(self) -> bool:
+        # A method, not the attribute, where callbacks just ran: they may
+        # have finished the loop behind the type checker's back.
+        return self._finished
+
+    def _finish(self) -> None:
+        if not self._finished:
+            self._finished = True
+            assert self._tg is not None
+            self._tg.cancel_scope.cancel()
+
+    def _run_queue(self) -> bool:
+        """Run everything requeued before this round; True if anything ran."""
+        queue = self.runq
+        if not queue:
+            return False
+        self.runq = []
+        for item in queue:
+            if self._finished:
+                # As in the seed, an exception ending the loop loses the
+                # rest of the swapped-out queue.
+                break
+            if _is_ds(item):
+                item._step_from_queue()
+                continue
+            step = getattr(item, "event_step", None)
+            fn = step if step is not None else item
+            try:
+                result = fn()
+            except Exception as exc:
+                self.failed(exc, item)
+                continue
+            if _is_awaitable(result):
+                self.spawn_step(_awaiter(result), item)
+        return True
+
+    def _run_timers(self) -> bool:
+        timers = self.timers
+        if not len(timers):
+            return False
+        now = self.timers.clock()
+        ran = False
+        while not self._finished:
+            timer = timers.pop_due(now)
+            if timer is None:
+                break
+            ran = True
+            try:
+                TimerQueue.fire(timer)
+            except Exception as exc:
+                self.failed(exc, timer)
+        return ran
+
+    def _nothing_left(self) -> bool:
+        return (
+            self._body_done
+            and not self.descriptor_map
+            and not self.runq
+            and not self.to_close
+            and not len(self.timers)
+        )
+
+    async def _idle(self, backend: Backend) -> None:
+        deadline = self.timers.next_deadline()
+        if self.post_loop_callback is not None and self.loop_timeout >= 0:
+            deadline = min(deadline, backend.current_time() + self.loop_timeout / 1000)
+        scope = backend.cancel_scope(deadline=deadline)
+        with scope:
+            self._idle_scope = scope
+            await backend.sleep_forever()
+        self._idle_scope = None
+
+    async def _driver(self) -> None:
+        backend = self._require_backend()
+        while True:
+            ran = self._run_queue()
+            ran = self._run_timers() or ran
+            if self._finished:
+                return
+            if ran or self._kicked or self.runq or self.to_close:
+                await backend.checkpoint()
+            else:
+                await self._idle(backend)
+            # The I/O phase: tasks the kernel woke step before the round ends.
+            if self.to_close or self.post_loop_callback is not None:
+                for _ in range(backend.settle_passes):
+                    await backend.checkpoint()
+            self._kicked = False
+            self.release_closed(backend.notify_closing)
+            self._rounds += 1
+            callback = self.post_loop_callback
+            if callback is not None:
+                try:
+                    keep_going = callback(self.descriptor_map)
+                except Exception as exc:
+                    self.failed(exc, callback)
+                    keep_going = True
+                if not keep_going:
+                    self._finish()
+            elif self._nothing_left():
+                self._finish()
+            if self._stop_requested:
+                self._finish()
+            if self._is_finished():
+                return
+
+
+def _unstarted_clock() -> float:
+    raise NotInLoopError("this ds_trio loop has not started")
+
+
+def _is_ds(item: object) -> bool:
+    return getattr(type(item), "_ds_is_ds", False) is True
+
+
+def _is_awaitable(value: object) -> bool:
+    return hasattr(value, "__await__")
+
+
+def _awaiter(awaitable: Any) -> Callable[[], Any]:
+    async def run() -> None:
+        await awaitable
+
+    return run
+
+
+def _single_leaf(exc: BaseException) -> BaseException | None:
+    """The one non-cancellation exception inside nested groups, if that is all."""
+    leaves = list(_leaves(exc))
+    if len(leaves) != 1:
+        return None
+    leaf = leaves[0]
+    if isinstance(leaf, anyio.get_cancelled_exc_class()):
+        return None
+    return leaf
+
+
+def _leaves(exc: BaseException) -> Iterable[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+# ----------------------------------------------------------------------
+# The public constructor and the module-level DS functions
+# ----------------------------------------------------------------------
+
+
+def loop(*, errors: ErrorPolicy = "raise") -> Loop:
+    """Create a DS loop to run with ``async with``.
+
+    Args:
+        errors: ``"raise"`` (default): an exception escaping ``event_step``, a
+            timer, a requeued callable or the post-loop callback ends the
+            loop and propagates out of the ``async with`` block, unwrapped,
+            after everything is closed.  ``"log"``: it is logged with its
+            traceback under ``ds_trio.loop``, only the offending object is
+            closed, and the loop goes on (what servers want).  A DS subclass
+            may override the policy for its objects with a class attribute
+            ``errors``.
+
+    Raises:
+        ValueError: ``errors`` is neither ``"raise"`` nor ``"log"``.
+    """
+    return Loop(errors=errors)
+
+
+def in_loop() -> bool:
+    """True inside a running ds_trio loop (the seed's ``in_loop``)."""
+    return _current.get() is not None
+
+
+def now() -> float:
+    """The running loop's clock, in seconds (the seed's ``now``).
+
+    Raises:
+        NotInLoopError: outside a running loop, where no backend clock exists.
+    """
+    current = _current.get()
+    if current is None:
+        raise NotInLoopError("now() needs a running ds_trio loop")
+    return current.now()
+
+
+def add_timer(seconds: float, callback: Callable[..., object], *args: Any) -> Timer:
+    """Call ``callback(*args)`` ``seconds`` from now, from the loop's driver.
+
+    Outside a running loop the timer goes to this thread's pending state and
+    keeps its deadline relative to this call when a loop adopts it.  Equal
+    deadlines fire in insertion order; zero or negative delays fire in the
+    next round.
+
+    Returns:
+        A :class:`Timer`; its ``cancel()`` cancels it.
+
+    Raises:
+        TypeError: ``callback`` is not callable, or ``seconds`` not a number.
+        ValueError: ``seconds`` is NaN or infinite.
+    """
+    if not callable(callback):
+        raise TypeError(f"timer callback must be callable, got {callback!r}")
+    delay = check_delay(seconds)
+    return _state().timers.add(delay, callback, args)
+
+
+def requeue(item: Any) -> None:
+    """Run ``item`` in the next round (the seed's ``requeue``).
+
+    ``item`` is a DS object (its ``event_step`` runs), any object with an
+    ``event_step`` method, or a callable (called with no arguments).  Items
+    run in FIFO order before the round's timers; an item requeued while the
+    queue runs waits for the next round.  Requeueing twice runs twice.
+
+    Raises:
+        TypeError: ``item`` has no ``event_step`` and is not callable.
+    """
+    state = getattr(item, "_ds_state", None)
+    if state is None:
+        if not callable(item) and not callable(getattr(item, "event_step", None)):
+            raise TypeError(
+                f"requeue() needs a DS object, an object with event_step() "
+                f"or a callable, got {item!r}"
+            )
+        state = _state()
+    state.runq.append(item)
+    state.kick()
+
+
+def DescriptorMap() -> dict[int, DS]:
+    """The live fd -> object map of the running loop (or the pending state).
+
+    The seed's ``%DescriptorMap``; closed objects stay in it until the end of
+    the round in which they were closed.
+    """
+    return _state().descriptor_map
+
+
+def SetPostLoopCallback(callback: PostLoopCallback | None) -> None:
+    """Call ``callback(descriptor_map)`` after every round; false ends the loop.
+
+    ``None`` clears it.  Outside a running loop it is stored for the next
+    loop started in this thread.
+
+    Raises:
+        TypeError: ``callback`` is neither callable nor None.
+    """
+    if callback is not None and not callable(callback):
+        raise TypeError(
+            f"post-loop callback must be callable or None, got {callback!r}"
+        )
+    _state().post_loop_callback = callback
+
+
+def SetLoopTimeout(milliseconds: float) -> float:
+    """Bound how long the loop idles before the post-loop callback runs again.
+
+    Milliseconds, as in the seed: ``-1`` (any negative) means no bound, ``0``
+    means never idle.  Returns the value stored.
+
+    Raises:
+        TypeError: not a number.
+        ValueError: NaN.
+    """
+    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int | float):
+        raise TypeError(
+            f"loop timeout must be a number of milliseconds, not {milliseconds!r}"
+        )
+    if math.isnan(milliseconds):
+        raise ValueError("loop timeout must not be NaN")
+    _state().loop_timeout = milliseconds
+    return milliseconds
+
+
+def Reset() -> None:
+    """Forget all DS state of this context (the seed's ``Reset``).
+
+    Closes every registered object, cancels every timer, empties the run
+    queue, clears the post-loop callback and sets the loop timeout back to
+    -1.  Inside a running loop it acts on that loop (the seed did not
+    support that; newer DS does); the closed fds are released at the end of
+    the round.  Outside a loop it acts on this thread's pending state and
+    releases the fds at once.
+    """
+    current = _current.get()
+    if current is not None:
+        current.reset()
+        return
+    pending = _pending()
+    pending.reset()
+    pending.release_closed()
+
+
+def EventLoop(
+    *, backend: str = "trio", backend_options: dict[str, Any] | None = None
+) -> None:
+    """Run a loop to completion, synchronously (the seed's ``EventLoop``).
+
+    Adopts everything created before the call (objects, timers, queued
+    work, the post-loop callback and the loop timeout), runs until the loop
+    is finished (see :class:`Loop`), and - unlike ``async with
+    ds_trio.loop()`` - leaves whatever is still registered, pending or set
+    in this thread's state for the next ``EventLoop`` call, as the seed's
+    globals outlive it until ``Reset``.  ``backend`` is an anyio backend name
+    (``"trio"`` or ``"asyncio"``; ``backend_options={"use_uvloop": True}``).
+
+    Raises:
+        DSError: called from inside a running loop.
+    """
+    if in_loop():
+        raise DSError("EventLoop() cannot run inside a running ds_trio loop")
+    anyio.run(_event_loop_main, backend=backend, backend_options=backend_options)
+
+
+async def _event_loop_main() -> None:
+    async with Loop(_keep_state=True):
+        pass

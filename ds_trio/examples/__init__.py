@@ -1,0 +1,1 @@
+"""Example daemons built only on ds_trio's public API."""

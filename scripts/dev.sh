@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates .venv from the repo's own
+# files when it is missing, then runs what was asked.
+#   bash scripts/dev.sh demo [echo options]   the demo server on 127.0.0.1
+#   bash scripts/dev.sh test [pytest options] the test suite
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+
+setup() {
+    if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import ds_trio, pytest, trio, anyio' 2>/dev/null; then
+        "$PYTHON" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --upgrade pip
+        "$VENV/bin/python" -m pip install --quiet -e '.[test,lint,docs]'
+    fi
+}
+
+cmd=${1:-test}
+shift || true
+case "$cmd" in
+    demo)
+        setup
+        exec "$VENV/bin/python" -m ds_trio.examples.echo "$@"
+        ;;
+    test)
+        setup
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        echo "usage: bash scripts/dev.sh demo|test [args]" >&2
+        exit 2
+        ;;
+esac

@@ -1,0 +1,44 @@
+"""Shared fixtures: every async test runs on trio and on anyio's asyncio backend.
+
+Only anyio's pytest plugin drives async tests (pytest-trio is disabled in
+pyproject's addopts): pytest-trio's trio_mode would silently run the
+asyncio-parametrised rows on trio and ignore their clock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import pytest
+import trio.testing
+
+import ds_trio
+
+BACKENDS = [
+    pytest.param(("asyncio", {}), id="asyncio"),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    return request.param
+
+
+@pytest.fixture
+def mock_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+@pytest.fixture(autouse=True)
+def _clean_pending_state() -> Iterator[None]:
+    """Every test starts and ends with an empty per-thread pending state."""
+    ds_trio.Reset()
+    yield
+    ds_trio.Reset()
+
+
+@pytest.fixture(autouse=True)
+def _ds_logs_visible(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="ds_trio")

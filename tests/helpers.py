@@ -1,0 +1,69 @@
+"""Small DS subclasses and utilities shared by the tests."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+
+import ds_trio
+import ds_trio.testing
+from ds_trio import DS, EPOLLIN, EPOLLONESHOT
+
+
+class Recorder(DS):
+    """Records each event_step in a shared log and reads what is readable."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        log: list[Any],
+        name: str,
+        events: int = EPOLLIN | EPOLLONESHOT,
+        on_step: Callable[[Recorder], None] | None = None,
+    ) -> None:
+        super().__init__(sock, events)
+        self.log = log
+        self.name = name
+        self.on_step = on_step
+        self.data = bytearray()
+
+    def event_step(self) -> None:
+        self.log.append(self.name)
+        if self.on_step is not None:
+            self.on_step(self)
+        if self.sock is None:
+            return
+        while self.do_read(self.data, 65536, len(self.data)):
+            pass
+
+
+class Echo(DS):
+    """Echoes what it reads (plain send; the write path is not needed here)."""
+
+    def __init__(self, sock: socket.socket, events: int = EPOLLIN | EPOLLONESHOT):
+        super().__init__(sock, events)
+
+    def event_step(self) -> None:
+        buf = bytearray()
+        while self.do_read(buf, 65536, 0):
+            self.sock.sendall(bytes(buf))
+
+
+def pair() -> tuple[socket.socket, socket.socket]:
+    return ds_trio.testing.socketpair()
+
+
+async def wait_for(predicate: Callable[[], bool], *, timeout: float = 10) -> None:
+    """Yield to the scheduler until ``predicate()`` holds (bounded, never sleeps).
+
+    ``wait_all_tasks_blocked`` does not cover I/O the asyncio loop has not
+    polled yet, so tests that wait for a DS task to react to bytes they sent
+    use this instead.
+    """
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.lowlevel.checkpoint()

@@ -1,0 +1,606 @@
+"""Rounds, ordering, deferred close, the post-loop callback, finishing, errors."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+import anyio
+import pytest
+import trio.testing
+
+import ds_trio
+from ds_trio import DS, EPOLLIN, EPOLLONESHOT
+from ds_trio.testing import assert_no_leaks, socketpair
+
+from .helpers import Echo, Recorder, wait_for
+
+pytestmark = pytest.mark.anyio
+
+MOCK = [
+    pytest.param(
+        ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}),
+        id="trio-mockclock",
+    )
+]
+
+
+async def test_requeued_items_run_fifo_before_due_timers() -> None:
+    log: list[str] = []
+    ds_trio.add_timer(0, log.append, "timer1")
+    ds_trio.requeue(lambda: log.append("q1"))
+    ds_trio.add_timer(-1, log.append, "timer0")
+    ds_trio.requeue(lambda: log.append("q2"))
+    async with ds_trio.loop():
+        pass
+    assert log == ["q1", "q2", "timer0", "timer1"]
+
+
+async def test_item_requeued_while_queue_runs_waits_for_next_round() -> None:
+    log: list[str] = []
+
+    def first() -> None:
+        log.append("first")
+        ds_trio.requeue(lambda: log.append("requeued"))
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        return "requeued" not in log
+
+    async with ds_trio.loop():
+        ds_trio.SetPostLoopCallback(post)
+        ds_trio.requeue(first)
+        ds_trio.requeue(lambda: log.append("second"))
+    assert log[:4] == ["first", "second", "post", "requeued"]
+    assert log[-1] == "post"
+
+
+async def test_requeued_sync_objects_run_inline_in_fifo_order() -> None:
+    log: list[str] = []
+    socks = [socketpair() for _ in range(3)]
+    try:
+        async with ds_trio.loop():
+            objs = [
+                Recorder(a, log, f"obj{i}", events=0) for i, (a, _) in enumerate(socks)
+            ]
+            for obj in reversed(objs):
+                obj.requeue()
+            ds_trio.requeue(objs[0])
+            await anyio.wait_all_tasks_blocked()
+            assert log == ["obj2", "obj1", "obj0", "obj0"]
+            for obj in objs:
+                obj.close()
+    finally:
+        for a, b in socks:
+            a.close()
+            b.close()
+
+
+async def test_object_requeued_from_event_step_runs_after_round_end() -> None:
+    log: list[str] = []
+    a, b = socketpair()
+
+    def on_step(obj: Recorder) -> None:
+        if log.count("obj") == 1:
+            obj.requeue()
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        return log.count("obj") < 2
+
+    try:
+        async with ds_trio.loop():
+            ds_trio.SetPostLoopCallback(post)
+            Recorder(a, log, "obj", on_step=on_step)
+            b.send(b"x")
+        first = log.index("obj")
+        assert log[first : first + 3] == ["obj", "post", "obj"]
+    finally:
+        b.close()
+
+
+async def test_socket_readable_at_start_is_served_before_first_post_loop_callback() -> (
+    None
+):
+    log: list[str] = []
+    pairs = [socketpair() for _ in range(5)]
+    try:
+        for i, (a, b) in enumerate(pairs):
+            Recorder(a, log, f"s{i}")
+            b.send(b"ready")
+
+        def post(_map: dict[int, DS]) -> bool:
+            log.append("post")
+            return False
+
+        ds_trio.SetPostLoopCallback(post)
+        async with ds_trio.loop():
+            pass
+        assert log.index("post") == 5
+        assert sorted(log[:5]) == [f"s{i}" for i in range(5)]
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+async def test_close_defers_fd_release_to_end_of_round() -> None:
+    a, b = socketpair()
+    seen: dict[str, Any] = {}
+
+    def on_step(obj: Recorder) -> None:
+        fd = obj.sock.fileno()
+        seen["fd"] = fd
+        assert obj.close() is False
+        assert obj.close() is False  # idempotent
+        seen["in_map_after_close"] = ds_trio.DescriptorMap().get(fd) is obj
+        seen["fd_open_after_close"] = _fd_is_open(fd)
+        # A socket created in the same round cannot get the same number.
+        fresh = socket.socket()
+        seen["fresh_fd"] = fresh.fileno()
+        fresh.close()
+
+    def post(dmap: dict[int, DS]) -> bool:
+        seen["in_map_at_post"] = seen["fd"] in dmap
+        seen["fd_open_at_post"] = _fd_is_open(seen["fd"])
+        return False
+
+    try:
+        async with ds_trio.loop():
+            ds_trio.SetPostLoopCallback(post)
+            Recorder(a, [], "r", on_step=on_step)
+            b.send(b"x")
+        assert seen["in_map_after_close"] is True
+        assert seen["fd_open_after_close"] is True
+        assert seen["fresh_fd"] != seen["fd"]
+        assert seen["in_map_at_post"] is False
+        assert a.fileno() == -1
+    finally:
+        b.close()
+
+
+def _fd_is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def test_close_from_timer_completes_without_other_io() -> None:
+    a, b = socketpair()
+    try:
+        async with ds_trio.loop():
+            obj = Recorder(a, [], "r")
+            ds_trio.add_timer(0, obj.close)
+        assert a.fileno() == -1
+        assert obj.sock is None
+    finally:
+        b.close()
+
+
+async def test_post_loop_callback_receives_descriptor_map_and_false_ends_loop() -> None:
+    a, b = socketpair()
+    maps: list[dict[int, DS]] = []
+    try:
+        obj = Recorder(a, [], "r")
+        fd = a.fileno()
+
+        def post(dmap: dict[int, DS]) -> bool:
+            maps.append(dict(dmap))
+            return len(maps) < 3
+
+        ds_trio.SetPostLoopCallback(post)
+        ds_trio.SetLoopTimeout(0)
+        async with ds_trio.loop():
+            pass
+        assert len(maps) == 3
+        assert maps == [{fd: obj}] * 3
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_round_that_only_ran_a_timer_ends_with_post_loop_callback() -> None:
+    """be47d4e6: the callback is asked again after work ran without any I/O."""
+    fired: list[int] = []
+    calls: list[int] = []
+
+    def post(_map: dict[int, DS]) -> bool:
+        calls.append(len(fired))
+        return not fired
+
+    async with ds_trio.loop():
+        ds_trio.SetPostLoopCallback(post)
+        ds_trio.add_timer(0, fired.append, 1)
+    assert fired == [1]
+    assert calls[-1] == 1
+
+
+async def test_loop_timeout_zero_never_idles() -> None:
+    rounds: list[int] = []
+
+    def post(_map: dict[int, DS]) -> bool:
+        rounds.append(1)
+        return len(rounds) < 50
+
+    ds_trio.SetLoopTimeout(0)
+    ds_trio.SetPostLoopCallback(post)
+    with anyio.fail_after(30):
+        async with ds_trio.loop():
+            pass
+    assert len(rounds) == 50
+
+
+@pytest.mark.parametrize("anyio_backend", MOCK)
+async def test_loop_timeout_bounds_idle_between_post_loop_callbacks() -> None:
+    times: list[float] = []
+
+    def post(_map: dict[int, DS]) -> bool:
+        times.append(ds_trio.now())
+        return len(times) < 4
+
+    a, b = socketpair()
+    try:
+        Recorder(a, [], "idle")
+        ds_trio.SetLoopTimeout(250)
+        ds_trio.SetPostLoopCallback(post)
+        async with ds_trio.loop():
+            pass
+        gaps = [
+            later - earlier for earlier, later in itertools.pairwise(times)
+        ]
+        assert gaps == pytest.approx([0.25, 0.25, 0.25])
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("anyio_backend", MOCK)
+async def test_without_loop_timeout_idle_loop_calls_back_only_on_activity() -> None:
+    calls: list[float] = []
+    a, b = socketpair()
+    try:
+
+        def post(_map: dict[int, DS]) -> bool:
+            calls.append(ds_trio.now())
+            return True
+
+        async with ds_trio.loop() as loop:
+            Recorder(a, [], "idle")
+            ds_trio.SetPostLoopCallback(post)
+            await anyio.sleep(3600)
+            assert len(calls) <= 2
+            loop.stop()
+    finally:
+        b.close()
+
+
+async def test_loop_finishes_when_nothing_is_left() -> None:
+    with anyio.fail_after(10):
+        async with ds_trio.loop() as loop:
+            pass
+    assert loop.statistics().registered == 0
+
+
+async def test_loop_finishing_cancels_a_running_body() -> None:
+    after: list[str] = []
+    ds_trio.SetPostLoopCallback(lambda _map: False)
+    # As in the seed, the callback runs after the first poll returns: with
+    # no I/O and no timer that needs a loop timeout (or a timer) to happen.
+    ds_trio.SetLoopTimeout(0)
+    async with ds_trio.loop():
+        await anyio.sleep_forever()
+        after.append("unreachable")  # pragma: no cover
+    after.append("after")
+    assert after == ["after"]
+
+
+async def test_stop_ends_loop_with_objects_still_registered_and_closes_them() -> None:
+    a, b = socketpair()
+    try:
+        async with assert_no_leaks():
+            async with ds_trio.loop() as loop:
+                obj = Recorder(a, [], "r")
+                ds_trio.add_timer(0, loop.stop)
+            assert obj.sock is None
+            assert a.fileno() == -1
+    finally:
+        b.close()
+
+
+async def test_cancelling_enclosing_scope_closes_everything() -> None:
+    pairs = [socketpair() for _ in range(10)]
+    try:
+        async with assert_no_leaks():
+            with anyio.CancelScope() as scope:
+                async with ds_trio.loop():
+                    objs = [Echo(a) for a, _ in pairs]
+                    timer = ds_trio.add_timer(3600, print)
+                    await anyio.wait_all_tasks_blocked()
+                    scope.cancel()
+                    await anyio.sleep_forever()
+            assert scope.cancelled_caught
+            assert all(obj.sock is None for obj in objs)
+            assert all(a.fileno() == -1 for a, _ in pairs)
+            assert not timer.active
+    finally:
+        for _, b in pairs:
+            b.close()
+
+
+class Boom(Exception):
+    pass
+
+
+class Exploding(DS):
+    def event_step(self) -> None:
+        raise Boom(f"fd {self._fd}")
+
+
+async def test_event_step_exception_propagates_unwrapped_after_closing() -> None:
+    a, b = socketpair()
+    c, d = socketpair()
+    try:
+        with pytest.raises(Boom):
+            async with ds_trio.loop():
+                Exploding(a, EPOLLIN)
+                other = Echo(c)
+                b.send(b"x")
+                await anyio.sleep_forever()
+        assert a.fileno() == -1
+        assert c.fileno() == -1
+        assert other.sock is None
+    finally:
+        b.close()
+        d.close()
+
+
+async def test_timer_and_requeued_callable_exceptions_propagate() -> None:
+    def bad() -> None:
+        raise Boom("timer")
+
+    with pytest.raises(Boom, match="timer"):
+        async with ds_trio.loop():
+            ds_trio.add_timer(0, bad)
+    with pytest.raises(Boom, match="queued"):
+        async with ds_trio.loop():
+            ds_trio.requeue(lambda: (_ for _ in ()).throw(Boom("queued")))
+
+
+async def test_body_exception_propagates_unwrapped() -> None:
+    a, b = socketpair()
+    try:
+        with pytest.raises(KeyError):
+            async with ds_trio.loop():
+                Echo(a)
+                raise KeyError("body")
+        assert a.fileno() == -1
+    finally:
+        b.close()
+
+
+async def test_errors_log_closes_only_the_offender(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = socketpair()
+    c, d = socketpair()
+    try:
+        async with ds_trio.loop(errors="log") as loop:
+            bad = Exploding(a, EPOLLIN)
+            good = Echo(c)
+            b.send(b"x")
+            await wait_for(lambda: bad.sock is None)
+            d.send(b"ping")
+            with anyio.fail_after(10):
+                await anyio.wait_readable(d)
+            assert d.recv(10) == b"ping"
+            assert bad.sock is None
+            assert good.sock is not None
+            loop.stop()
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1
+        assert errors[0].name == "ds_trio.loop"
+        assert errors[0].exc_info is not None
+        assert errors[0].exc_info[0] is Boom
+    finally:
+        b.close()
+        d.close()
+
+
+class LoggedExploding(Exploding):
+    errors = "log"
+
+
+async def test_per_class_error_policy_overrides_loop() -> None:
+    a, b = socketpair()
+    try:
+        async with ds_trio.loop() as loop:
+            bad = LoggedExploding(a, EPOLLIN)
+            b.send(b"x")
+            await wait_for(lambda: bad.sock is None)
+            loop.stop()
+    finally:
+        b.close()
+
+
+async def test_errors_argument_is_validated() -> None:
+    with pytest.raises(ValueError, match="errors"):
+        ds_trio.loop(errors="ignore")  # type: ignore[arg-type]
+
+
+async def test_post_loop_callback_exception_propagates() -> None:
+    def post(_map: dict[int, DS]) -> bool:
+        raise Boom("post")
+
+    with pytest.raises(Boom, match="post"):
+        async with ds_trio.loop():
+            ds_trio.SetPostLoopCallback(post)
+
+
+async def test_async_event_step_is_awaited_in_its_own_task() -> None:
+    a, b = socketpair()
+    got: list[bytes] = []
+
+    class AsyncReader(DS):
+        async def event_step(self) -> None:
+            await anyio.lowlevel.checkpoint()
+            buf = bytearray()
+            while self.do_read(buf, 100, len(buf)):
+                pass
+            got.append(bytes(buf))
+            if self.sock is not None and buf:
+                self.close()
+
+    try:
+        async with ds_trio.loop():
+            AsyncReader(a, EPOLLIN | EPOLLONESHOT)
+            b.send(b"abc")
+        assert got == [b"abc"]
+    finally:
+        b.close()
+
+
+async def test_requeued_async_object_steps_in_that_round() -> None:
+    a, b = socketpair()
+    steps: list[str] = []
+
+    class AsyncObj(DS):
+        async def event_step(self) -> None:
+            steps.append("step")
+            await anyio.lowlevel.checkpoint()
+            if len(steps) == 2:
+                self.close()
+
+    try:
+        async with ds_trio.loop():
+            obj = AsyncObj(a, 0)
+            obj.requeue()
+            await anyio.wait_all_tasks_blocked()
+            assert steps == ["step"]
+            obj.requeue()
+        assert steps == ["step", "step"]
+    finally:
+        b.close()
+
+
+def test_loop_state_is_per_thread_and_pending_is_adopted() -> None:
+    results: dict[str, Any] = {}
+
+    def worker(name: str) -> None:
+        log: list[str] = []
+        ds_trio.add_timer(0, log.append, name)
+        results[name + "-in-loop-before"] = ds_trio.in_loop()
+        with pytest.raises(ds_trio.NotInLoopError):
+            ds_trio.now()
+        ds_trio.EventLoop(backend="trio" if name == "t1" else "asyncio")
+        results[name] = log
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("t1", "t2")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results["t1"] == ["t1"]
+    assert results["t2"] == ["t2"]
+    assert results["t1-in-loop-before"] is False
+
+
+def test_event_loop_keeps_state_between_calls_until_reset() -> None:
+    a, b = socketpair()
+    try:
+        log: list[str] = []
+        obj = Recorder(a, log, "r")
+        ds_trio.SetPostLoopCallback(lambda _map: False)
+        ds_trio.SetLoopTimeout(0)
+        ds_trio.EventLoop()
+        assert ds_trio.DescriptorMap() == {a.fileno(): obj}
+        b.send(b"x")
+        ds_trio.EventLoop()
+        assert log == ["r"]
+        assert obj.data == bytearray(b"x")
+        ds_trio.Reset()
+        assert obj.sock is None
+        assert a.fileno() == -1
+        assert ds_trio.DescriptorMap() == {}
+    finally:
+        b.close()
+
+
+async def test_event_loop_inside_a_loop_is_refused() -> None:
+    async with ds_trio.loop():
+        with pytest.raises(ds_trio.DSError):
+            ds_trio.EventLoop()
+
+
+async def test_reset_inside_loop_closes_everything_and_loop_finishes() -> None:
+    a, b = socketpair()
+    try:
+        with anyio.fail_after(10):
+            async with ds_trio.loop():
+                obj = Echo(a)
+                ds_trio.add_timer(3600, print)
+                ds_trio.SetPostLoopCallback(lambda _map: True)
+                ds_trio.add_timer(0, ds_trio.Reset)
+        assert obj.sock is None
+        assert a.fileno() == -1
+    finally:
+        b.close()
+
+
+async def test_statistics_counts_registered_timers_and_queue() -> None:
+    a, b = socketpair()
+    try:
+        async with ds_trio.loop() as loop:
+            obj = Echo(a)
+            ds_trio.add_timer(10, print)
+            ds_trio.requeue(print)
+            stats = loop.statistics()
+            assert (stats.registered, stats.timers_pending, stats.queued) == (1, 1, 1)
+            obj.close()
+            assert loop.statistics().pending_closes == 1
+            loop.stop()
+    finally:
+        b.close()
+
+
+async def test_bad_input_to_loop_functions() -> None:
+    with pytest.raises(TypeError):
+        ds_trio.requeue(42)
+    with pytest.raises(TypeError):
+        ds_trio.SetPostLoopCallback(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ds_trio.SetLoopTimeout("10")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="NaN"):
+        ds_trio.SetLoopTimeout(float("nan"))
+    assert ds_trio.SetLoopTimeout(-1) == -1
+
+
+async def test_two_loops_in_one_run_share_no_state() -> None:
+    log: list[str] = []
+    async with ds_trio.loop() as outer:
+        ds_trio.add_timer(0, log.append, "outer")
+        async with ds_trio.loop() as inner:
+            assert ds_trio.current_loop() is inner
+            ds_trio.add_timer(0, log.append, "inner")
+        assert ds_trio.current_loop() is outer
+    assert sorted(log) == ["inner", "outer"]
+
+
+async def test_ds_object_created_in_loop_gets_its_task_and_is_served() -> None:
+    a, b = socketpair()
+    try:
+        async with ds_trio.loop():
+            Echo(a, EPOLLIN | EPOLLONESHOT)
+            for i in range(20):
+                b.send(b"%d" % i)
+                with anyio.fail_after(10):
+                    await anyio.wait_readable(b)
+                assert b.recv(100) == b"%d" % i
+            b.close()
+        assert a.fileno() == -1
+    finally:
+        b.close()

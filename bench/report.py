@@ -132,6 +132,19 @@ def fmt_ratio(value: float | None) -> str:
     return DASH if value is None else f"{value:.2f}"
 
 
+def _bg(m: Measurement) -> float | None:
+    return m.background_cpu
+
+
+def fmt_bg(result: RunResult, system: str, scenario: str) -> str:
+    """The worst background load over rounds, flagged when it is high."""
+    values = _by_round(result, system, scenario, _bg).values()
+    if not values:
+        return DASH
+    worst = max(values)
+    return f"**{worst:.2f}** !" if worst >= result.quiet_threshold else f"{worst:.2f}"
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |"]
     out.append(
@@ -206,6 +219,7 @@ def _scenario_section(result: RunResult, sc: Scenario) -> list[str]:
                 fmt(hold[0]) if hold else DASH,
             ]
             row += [fmt_ratio(_ratio(result, name, r, sc.name, _kib)) for r, _ in refs]
+            row.append(fmt_bg(result, name, sc.name))
             rows.append(row)
     else:
         unit = "MB/s" if sc.mode == "bulk" else "req/s"
@@ -235,7 +249,9 @@ def _scenario_section(result: RunResult, sc: Scenario) -> list[str]:
             ]
             row += [fmt_ratio(_ratio(result, name, r, sc.name, _cpu)) for r, _ in refs]
             row += [fmt_ratio(_ratio(result, name, r, sc.name, thr)) for r, _ in refs]
+            row.append(fmt_bg(result, name, sc.name))
             rows.append(row)
+    header.append("others' CPU")
     return [*lines, *_table(header, rows), ""]
 
 
@@ -275,6 +291,17 @@ def markdown(result: RunResult, *, image: str | None = None) -> str:
         "runs.",
         "",
     ]
+    bg = [m.background_cpu for m in result.measurements if m.background_cpu is not None]
+    if bg:
+        noisy = sum(1 for b in bg if b >= result.quiet_threshold)
+        out += [
+            f"Others' CPU (used by neither the server nor the load generator, in "
+            f"CPUs) during the measurements: median {statistics.median(bg):.2f}, "
+            f"max {max(bg):.2f}; {noisy} of {len(bg)} measurements at or above "
+            f'{result.quiet_threshold:g} (marked **!** in the "others\' CPU" '
+            "column, which shows the worst round).",
+            "",
+        ]
     if image:
         out += [f"![results]({image})", ""]
     refs = _refs(result)

@@ -47,6 +47,10 @@ EXIT_SKIP = 77
 
 MIB = 1 << 20
 
+# Background CPU use (in CPUs) above which a measurement is flagged as
+# disturbed, and below which --wait-quiet considers the machine quiet.
+QUIET_THRESHOLD = 0.2
+
 
 # --------------------------------------------------------------------------
 # The systems.  This dict is the plug-in slot: a new server is one entry,
@@ -220,6 +224,9 @@ class Measurement:
     rss_holding_kib: int | None = None
     requests: int | None = None
     elapsed_s: float | None = None
+    # CPUs' worth of user+system time used by neither the server nor the
+    # load generator while this ran: someone else's work skewing it.
+    background_cpu: float | None = None
     error: str | None = None
 
 
@@ -233,6 +240,7 @@ class RunResult:
     scenarios: list[Scenario]
     skipped: dict[str, str]
     references: list[tuple[str, str]] = field(default_factory=list)
+    quiet_threshold: float = 0.2
     measurements: list[Measurement] = field(default_factory=list)
     orders: list[list[str]] = field(default_factory=list)
     environment: dict[str, str] = field(default_factory=dict)
@@ -386,6 +394,63 @@ def server_env() -> dict[str, str]:
         os.environ,
         PYTHONPATH=f"{REPO_DIR}{os.pathsep}{path}" if path else str(REPO_DIR),
     )
+
+
+def _busy_seconds() -> float:
+    """Busy time of all CPUs so far (/proc/stat: user through softirq).
+
+    irq/softirq are in: without CONFIG_IRQ_TIME_ACCOUNTING (the usual
+    configuration) the kernel bills the packet processing done in a task's
+    context to that task as well, so the server's and loadgen's own times
+    include it and must be subtracted from a total that includes it too.
+    """
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    # cpu user nice system idle iowait irq softirq steal ...
+    user, nice, system, _idle, _iowait, irq, softirq = (int(x) for x in fields[1:8])
+    busy = user + nice + system + irq + softirq
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _children_seconds() -> float:
+    # waited-for children only: the loadgen counts once it exits; the
+    # server, still running, does not
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+class BackgroundMeter:
+    """How much CPU others used during an interval, in CPUs."""
+
+    def __init__(self, server_pid: int) -> None:
+        self.pid = server_pid
+        self.t0 = time.monotonic()
+        self.busy0 = _busy_seconds()
+        self.server0 = cpu_seconds(server_pid) or 0.0
+        self.children0 = _children_seconds()
+
+    def read(self) -> float:
+        wall = time.monotonic() - self.t0
+        ours = ((cpu_seconds(self.pid) or 0.0) - self.server0) + (
+            _children_seconds() - self.children0
+        )
+        others = _busy_seconds() - self.busy0 - ours
+        return max(0.0, others / wall) if wall > 0 else 0.0
+
+
+def wait_until_quiet(server_pid: int, *, limit_s: float, threshold: float) -> None:
+    """Wait (at most *limit_s*) for background CPU use to drop below
+    *threshold* CPUs, sampled over 0.5 s."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        meter = BackgroundMeter(server_pid)
+        time.sleep(0.5)
+        load = meter.read()
+        if load < threshold or time.monotonic() >= deadline:
+            if load >= threshold:
+                log(f"  machine still busy ({load:.2f} CPUs in use by others)")
+            return
+        time.sleep(1.0)
 
 
 class SkipSystem(Exception):
@@ -563,12 +628,17 @@ def measure(
     m: Measurement,
 ) -> None:
     argv = loadgen_argv(profile, scenario, server, cpu)
+    meter = BackgroundMeter(server.pid)
     if scenario.mode == "idle":
-        run_idle(argv, server, m)
+        try:
+            run_idle(argv, server, m)
+        finally:
+            m.background_cpu = meter.read()
         return
     proc = subprocess.run(
         argv, capture_output=True, text=True, timeout=300, check=False
     )
+    m.background_cpu = meter.read()
     result = parse_result(proc.stdout)
     if proc.returncode != 0:
         raise RuntimeError(f"loadgen exit {proc.returncode}: {proc.stderr[-300:]}")
@@ -586,6 +656,15 @@ def measure(
 def describe(m: Measurement, scenario: Scenario) -> str:
     if m.error:
         return f"FAILED: {m.error}"
+    noisy = (
+        f"  [others used {m.background_cpu:.2f} CPU]"
+        if m.background_cpu is not None and m.background_cpu >= QUIET_THRESHOLD
+        else ""
+    )
+    return _describe(m, scenario) + noisy
+
+
+def _describe(m: Measurement, scenario: Scenario) -> str:
     if scenario.mode == "idle":
         return f"{m.kib_per_conn:.2f} KiB/conn" if m.kib_per_conn is not None else "?"
     cpu = f"{m.cpu_us_per_req:.1f}" if m.cpu_us_per_req is not None else "?"
@@ -706,6 +785,7 @@ def run(args: argparse.Namespace) -> RunResult:
         scenarios=scenarios,
         skipped=skipped,
         references=list(REFERENCES),
+        quiet_threshold=QUIET_THRESHOLD,
         environment=environment(cpus, nofile),
     )
     log(
@@ -743,6 +823,12 @@ def run(args: argparse.Namespace) -> RunResult:
                     if not server.alive():
                         m.error = f"server died (exit {server.proc.returncode})"
                     else:
+                        if args.wait_quiet > 0:
+                            wait_until_quiet(
+                                server.pid,
+                                limit_s=args.wait_quiet,
+                                threshold=QUIET_THRESHOLD,
+                            )
                         try:
                             measure(profile, sc, server, loadgen_cpu, m)
                         except (RuntimeError, OSError, subprocess.SubprocessError) as e:
@@ -786,6 +872,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-pin", action="store_true", help="do not use taskset")
     parser.add_argument(
         "--no-install", action="store_true", help="never apt-get libpublicinbox-perl"
+    )
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="before each measurement, wait up to S seconds for other "
+        f"processes to use less than {QUIET_THRESHOLD} CPU",
     )
     parser.add_argument("--out", help="output directory (default: results/<time>)")
     parser.add_argument("--list", action="store_true", help="list and exit")

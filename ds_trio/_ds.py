@@ -20,6 +20,7 @@ import logging
 import os
 import socket
 import stat
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import anyio
@@ -50,9 +51,9 @@ _IN_ONESHOT: Final = int(EPOLLIN | EPOLLONESHOT)
 _OUT: Final = 0x004
 _BOTH: Final = DIRECTIONS
 
-# ``_waiting`` when the task is not parked in a wait (running a step, not
-# started, or ended).
-_NOT_WAITING: Final = -1
+# ``_wait_dir`` when no wait scope is open (task not started, running an
+# async step, or ended).
+_NO_SCOPE: Final = -1
 
 
 def _check_socket(sock: object) -> int:
@@ -120,7 +121,7 @@ class DS:
         "_fd",
         "_scope",
         "_steps_due",
-        "_waiting",
+        "_wait_dir",
         "rbuf",
         "sock",
         "wbuf",
@@ -161,7 +162,7 @@ class DS:
         self._fd = fd
         self._ev = ev
         self._scope: CancelScopeLike | None = None
-        self._waiting = _NOT_WAITING
+        self._wait_dir = _NO_SCOPE
         self._steps_due = 0
         self._ds_running = False
         _state().register(self, fd)
@@ -205,11 +206,17 @@ class DS:
         if self.sock is None:
             return
         self._ev = events
-        waiting = self._waiting
-        if waiting >= 0 and waiting != events & _BOTH:
-            scope = self._scope
-            if scope is not None:
-                scope.cancel()
+        if self._wait_dir != events & _BOTH:
+            self._interrupt()
+
+    def _interrupt(self) -> None:
+        # Cancel the task's wait scope: a wait in the old direction ends and
+        # the task re-reads its interest.  Harmless when the task is inside
+        # its own step (no checkpoint runs before it leaves the scope) or
+        # when no scope is open.
+        scope = self._scope
+        if scope is not None:
+            scope.cancel()
 
     def do_read(self, rbuf: bytearray, length: int, offset: int = 0) -> int:
         """Read up to ``length`` bytes into ``rbuf`` at ``offset``.
@@ -235,11 +242,10 @@ class DS:
             # The seed calls epwait() and rbuf_idle() as plain functions
             # here (no subclass override applies); inlined because this is
             # the end of nearly every step.  Inside the object's own step
-            # nothing waits on the fd, so there is no wait to interrupt.
-            if self._waiting < 0:
-                self._ev = _IN_ONESHOT
-            else:
-                self.epwait(_IN_ONESHOT)
+            # its scope already waits for reading.
+            self._ev = _IN_ONESHOT
+            if self._wait_dir != _IN:
+                self._interrupt()
             self.rbuf = rbuf if rbuf else None
             return 0
         except OSError:
@@ -285,9 +291,7 @@ class DS:
         # Dropping the queue also breaks self-referential closures queued
         # in it (a queued "close me" callback holding the object).
         self.wbuf = None
-        scope = self._scope
-        if scope is not None and self._waiting >= 0:
-            scope.cancel()
+        self._interrupt()  # ends a parked task; notify_closing ends a waiting one
         self._ds_state.schedule_close(self, sock)
         return False
 
@@ -316,7 +320,7 @@ class DS:
     def _detach(self) -> None:
         """Forget the (ended) task: the object moves to another state."""
         self._scope = None
-        self._waiting = _NOT_WAITING
+        self._wait_dir = _NO_SCOPE
         self._ds_running = False
 
     def _step_from_queue(self) -> None:
@@ -331,8 +335,7 @@ class DS:
         if self._ds_running:
             # The object's own task runs async steps, one at a time.
             self._steps_due += 1
-            if self._waiting >= 0 and self._scope is not None:
-                self._scope.cancel()
+            self._interrupt()
         else:
             state.spawn_step(self.event_step, self)
 
@@ -340,10 +343,18 @@ class DS:
         state = cast("Loop", self._ds_state)
         _current.set(state)
         backend = state._require_backend()
-        wait_readable = backend.wait_readable
-        wait_writable = backend.wait_writable
-        sleep_forever = backend.sleep_forever
         cancel_scope = backend.cancel_scope
+        sleep_forever = backend.sleep_forever
+
+        async def park(_sock: Any) -> None:  # no interest armed
+            await sleep_forever()
+
+        waits: dict[int, Callable[[Any], Awaitable[None]]] = {
+            0: park,
+            _IN: backend.wait_readable,
+            _OUT: backend.wait_writable,
+            _BOTH: self._wait_either,
+        }
         async_step = self._ds_async_step
         try:
             while True:
@@ -356,40 +367,37 @@ class DS:
                     if state.post_loop_callback is not None:
                         state.kick()
                     continue
+                ev = self._ev
+                direction = ev & _BOTH
+                wait = waits[direction]
+                oneshot = ev & _ONESHOT
+                disarmed = ev & ~_BOTH
                 step_now = False
                 with cancel_scope() as scope:
                     self._scope = scope
-                    # The fast path: wait, step, re-read the interest the
-                    # step set, wait again - no new scope per wake-up.
+                    self._wait_dir = direction
+                    # The fast path: wait, step, wait again in the same scope
+                    # while the interest stays the same.  Anything that changes
+                    # it (epwait, close, a requeued async step) cancels the
+                    # scope or is seen below, and the outer loop starts over.
                     while True:
-                        ev = self._ev
-                        direction = ev & _BOTH
-                        self._waiting = direction
-                        if direction == _IN:
-                            await wait_readable(sock)
-                        elif direction == _OUT:
-                            await wait_writable(sock)
-                        elif direction:
-                            await self._wait_either(sock)
-                        else:
-                            await sleep_forever()
-                        self._waiting = _NOT_WAITING
+                        await wait(sock)
                         # A task woken by I/O may return normally even after
                         # close() or epwait() from elsewhere: re-check both.
-                        if self.sock is not sock or self._ev != ev or self._steps_due:
+                        if self.sock is not sock or self._ev != ev:
                             break
-                        if ev & _ONESHOT:
-                            self._ev = ev & ~_BOTH
+                        if oneshot:
+                            self._ev = disarmed
                         if async_step:
                             step_now = True
                             break
                         self.event_step()
                         if state.post_loop_callback is not None:
                             state.kick()
-                        if self.sock is not sock:
+                        if self._ev != ev or self.sock is not sock:
                             break
                 self._scope = None
-                self._waiting = _NOT_WAITING
+                self._wait_dir = _NO_SCOPE
                 if step_now:
                     await self.event_step()
                     if state.post_loop_callback is not None:
@@ -397,11 +405,10 @@ class DS:
         except backend.closed_errors:
             return
         except Exception as exc:
-            self._waiting = _NOT_WAITING
             state.failed(exc, self, self)
         finally:
             self._scope = None
-            self._waiting = _NOT_WAITING
+            self._wait_dir = _NO_SCOPE
             self._ds_running = False
 
     async def _wait_either(self, sock: Any) -> None:

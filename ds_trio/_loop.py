@@ -32,9 +32,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import math
+import numbers
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeAlias
@@ -354,20 +355,20 @@ class Loop(_State):
                 _current.reset(self._token)
                 self._token = None
         failures = self._failures
-        if raised is None and not failures:
-            return True
-        if raised is not None and failures:
-            raise BaseExceptionGroup("ds_trio loop failed", [raised, *failures])
         if raised is None:
+            if not failures:
+                return True
             if len(failures) == 1:
                 raise failures[0]
             raise BaseExceptionGroup("ds_trio loop failed", failures)
-        single = _single_leaf(raised)
-        if single is not None and single is not raised:
-            raise single from None
-        if raised is exc:
-            return False
-        raise raised
+        # Strip only the group our own task group wrapped around what the
+        # body raised: the body's own exception groups come out as raised.
+        unwrapped = _strip_task_group(raised, exc)
+        if failures:
+            raise BaseExceptionGroup("ds_trio loop failed", [unwrapped, *failures])
+        if unwrapped is exc:
+            return False  # re-raises the body's exception, traceback intact
+        raise unwrapped
 
     def _teardown(self, *, clean: bool) -> None:
         """Close everything still registered, after every task has ended.
@@ -527,16 +528,17 @@ class Loop(_State):
         timers = self.timers
         if not len(timers):
             return False
-        now = self.timers.clock()
         ran = False
-        while not self._finished:
-            timer = timers.pop_due(now)
-            if timer is None:
-                break
-            ran = True
+        for timer in timers.pop_due(timers.clock()):
+            if self._finished:
+                # The loop ended in this batch: drop the rest, as the seed
+                # loses what an escaping exception skips.
+                timer.cancel()
+                continue
             try:
-                TimerQueue.fire(timer)
+                ran = TimerQueue.fire(timer) or ran
             except Exception as exc:
+                ran = True
                 self.failed(exc, timer)
         return ran
 
@@ -613,23 +615,27 @@ def _awaiter(awaitable: Any) -> Callable[[], Any]:
     return run
 
 
-def _single_leaf(exc: BaseException) -> BaseException | None:
-    """The one non-cancellation exception inside nested groups, if that is all."""
-    leaves = list(_leaves(exc))
-    if len(leaves) != 1:
-        return None
-    leaf = leaves[0]
-    if isinstance(leaf, anyio.get_cancelled_exc_class()):
-        return None
-    return leaf
+def _strip_task_group(
+    raised: BaseException, body_exc: BaseException | None
+) -> BaseException:
+    """``body_exc`` if ``raised`` is just the task group's wrapping of it."""
+    if raised is body_exc or not isinstance(raised, BaseExceptionGroup):
+        return raised
+    cancelled = anyio.get_cancelled_exc_class()
+    members = [e for e in raised.exceptions if not isinstance(e, cancelled)]
+    if body_exc is None or len(members) != 1:
+        return raised
+    # trio splits groups on the way out (to sort out Cancelled), so the
+    # member may be a copy of the body's group: compare leaves by identity.
+    if members[0] is body_exc or _leaves(members[0]) == _leaves(body_exc):
+        return body_exc
+    return raised
 
 
-def _leaves(exc: BaseException) -> Iterable[BaseException]:
+def _leaves(exc: BaseException) -> list[int]:
     if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [id(exc)]
 
 
 # ----------------------------------------------------------------------
@@ -752,13 +758,13 @@ def SetLoopTimeout(milliseconds: float) -> float:
         TypeError: not a number.
         ValueError: NaN.
     """
-    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int | float):
+    if isinstance(milliseconds, bool) or not isinstance(milliseconds, numbers.Real):
         raise TypeError(
             f"loop timeout must be a number of milliseconds, not {milliseconds!r}"
         )
     if math.isnan(milliseconds):
         raise ValueError("loop timeout must not be NaN")
-    _state().loop_timeout = milliseconds
+    _state().loop_timeout = float(milliseconds)
     return milliseconds
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import numbers
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -35,7 +36,7 @@ _seq = itertools.count()
 
 def check_delay(seconds: object) -> float:
     """Validate a timer delay: a finite real number of seconds."""
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+    if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
         raise TypeError(f"seconds must be a real number, not {type(seconds).__name__}")
     value = float(seconds)
     if not math.isfinite(value):
@@ -147,30 +148,41 @@ class TimerQueue:
             self._cancelled -= 1
         return math.inf
 
-    def pop_due(self, now: float) -> Timer | None:
-        """Remove and return the earliest live timer due at ``now``, if any.
+    def pop_due(self, now: float) -> list[Timer]:
+        """Remove and return every live timer due at ``now``, earliest first.
 
-        The returned timer is detached: :meth:`Timer.cancel` on it answers
-        False from then on, as the seed's fired timers could not be cancelled.
+        Taken as one batch before any of them runs, so a timer added by a
+        callback in the batch waits for the next round even when the clock
+        has not moved (the seed gets that from sampling ``now`` once; with a
+        coarse or virtual clock a self-rearming 0-second timer would
+        otherwise spin).  A batched timer cancelled by an earlier one in the
+        same batch does not fire: :meth:`fire` skips it.
         """
         heap = self._heap
+        due = []
         while heap and heap[0][0] <= now:
             timer = heapq.heappop(heap)[2]
             if timer._callback is None:
                 self._cancelled -= 1
                 continue
             timer._queue = None
-            return timer
-        return None
+            due.append(timer)
+        return due
 
     @staticmethod
-    def fire(timer: Timer) -> None:
-        """Run a timer returned by :meth:`pop_due` (once)."""
+    def fire(timer: Timer) -> bool:
+        """Run a timer returned by :meth:`pop_due` unless it was cancelled since.
+
+        Returns:
+            True if its callback ran.
+        """
         callback, args = timer._callback, timer._args
+        if callback is None:
+            return False
         timer._callback = None
         timer._args = ()
-        if callback is not None:
-            callback(*args)
+        callback(*args)
+        return True
 
     def _note_cancelled(self, timer: Timer) -> None:
         self._cancelled += 1

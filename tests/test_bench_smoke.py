@@ -121,7 +121,8 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def check_protocol(port: int) -> None:
-    """One echo line, one ``bulk 1000``, then an echo proving nothing strayed."""
+    """One echo line, one ``bulk 1000``, then an echo proving nothing strayed;
+    then the same pipelined behind a large bulk response."""
     with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
         line = b"hello bench, this line comes back verbatim\n"
         sock.sendall(line)
@@ -133,6 +134,21 @@ def check_protocol(port: int) -> None:
         # had the server sent more than 1000 bytes, they would come first
         sock.sendall(b"after\n")
         assert _recv_exactly(sock, 6) == b"after\n"
+
+    # Pipelined: lines queued behind a bulk response larger than the socket
+    # buffers are answered after it, in order; "bulk x" is just a line; a
+    # line split across two writes is one line.
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as sock:
+        size = 3_000_000
+        sock.sendall(b"one\nbulk %d\ntwo\nbulk 5\nbulk x\npart" % size)
+        assert _recv_exactly(sock, 4) == b"one\n"
+        sock.sendall(b"ial\n")
+        body = _recv_exactly(sock, size)
+        assert len(body) == size
+        tail = b"two\n" + b"?" * 5 + b"bulk x\npartial\n"
+        got = _recv_exactly(sock, len(tail))
+        assert got[:4] == b"two\n"
+        assert got[9:] == b"bulk x\npartial\n"
 
 
 @pytest.mark.parametrize("name", list(PYTHON_SERVERS))

@@ -315,6 +315,65 @@ async def test_exception_in_body_before_any_checkpoint_propagates_unwrapped() ->
             w.assert_all_closed()
 
 
+async def test_exception_group_raised_in_body_propagates_as_raised() -> None:
+    mine = ExceptionGroup("mine", [ValueError("inner")])
+
+    async def run(w: World) -> None:
+        async with ds_trio.loop():
+            w.populate()
+            await w.wait_settled()
+            raise mine
+
+    async with assert_no_leaks():
+        with world() as w:
+            with pytest.raises(BaseException) as info:  # noqa: PT011
+                await run(w)
+            w.assert_all_closed()
+            assert info.value is mine
+
+
+async def test_multi_error_group_raised_in_body_is_not_wrapped() -> None:
+    mine = ExceptionGroup("mine", [ValueError("a"), TypeError("b")])
+
+    async def run(w: World) -> None:
+        async with ds_trio.loop():
+            w.populate()
+            await w.wait_settled()
+            raise mine
+
+    async with assert_no_leaks():
+        with world() as w:
+            with pytest.raises(BaseException) as info:  # noqa: PT011
+                await run(w)
+            w.assert_all_closed()
+            assert info.value is mine
+
+
+async def test_error_from_an_inner_task_group_in_the_body_keeps_its_type() -> None:
+    """except* still sees the error raised inside the body's own task group."""
+
+    async def fail() -> None:
+        raise KeyError("child")
+
+    async def run(w: World) -> None:
+        async with ds_trio.loop():
+            w.populate()
+            await w.wait_settled()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(fail)
+
+    caught: list[BaseException] = []
+    async with assert_no_leaks():
+        with world() as w:
+            try:
+                await run(w)
+            except* KeyError as group:
+                caught.extend(group.exceptions)
+            w.assert_all_closed()
+    assert len(caught) == 1
+    assert isinstance(caught[0], KeyError)
+
+
 @pytest.mark.parametrize("exploder", [Exploder, AsyncExploder])
 async def test_exception_from_event_step_closes_everything_and_propagates(
     exploder: type[DS],
@@ -500,3 +559,31 @@ async def test_event_loop_in_a_worker_thread_keeps_objects_until_reset(
     run: Callable[[str], None] = _run_event_loop_twice_then_reset
     async with assert_no_leaks():
         await anyio.to_thread.run_sync(run, backend)
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_event_loop_failing_timer_closes_everything_and_raises_unwrapped(
+    backend: str,
+) -> None:
+    def boom() -> None:
+        raise StepError("timer failed")
+
+    before = open_fds()
+    with contextlib.ExitStack() as stack:
+        stack.callback(ds_trio.Reset)
+        a, b = socketpair()
+        stack.callback(b.close)
+        stack.callback(a.close)
+        obj = Recorder(a, [], "r")
+        hour = ds_trio.add_timer(3600, boom)
+        ds_trio.add_timer(0, boom)
+        with pytest.raises(StepError, match="timer failed") as info:
+            ds_trio.EventLoop(backend=backend)
+        assert type(info.value) is StepError
+        # A failed EventLoop keeps nothing for the next call.
+        assert obj.sock is None
+        assert a.fileno() == -1
+        assert not is_active(hour)
+        assert ds_trio.DescriptorMap() == {}
+    after = open_fds()
+    assert {fd: t for fd, t in after.items() if before.get(fd) != t} == {}

@@ -251,9 +251,7 @@ async def test_loop_timeout_bounds_idle_between_post_loop_callbacks() -> None:
         ds_trio.SetPostLoopCallback(post)
         async with ds_trio.loop():
             pass
-        gaps = [
-            later - earlier for earlier, later in itertools.pairwise(times)
-        ]
+        gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
         assert gaps == pytest.approx([0.25, 0.25, 0.25])
     finally:
         b.close()
@@ -604,3 +602,25 @@ async def test_ds_object_created_in_loop_gets_its_task_and_is_served() -> None:
         assert a.fileno() == -1
     finally:
         b.close()
+
+
+@pytest.mark.parametrize("anyio_backend", MOCK)
+async def test_self_rearming_zero_second_timer_waits_for_next_round() -> None:
+    fired: list[int] = []
+    rounds: list[int] = []
+
+    def tick() -> None:
+        fired.append(len(rounds))
+        if len(fired) < 5:
+            ds_trio.add_timer(0, tick)
+
+    def post(_map: dict[int, DS]) -> bool:
+        rounds.append(1)
+        return len(fired) < 5
+
+    ds_trio.SetPostLoopCallback(post)
+    async with ds_trio.loop():
+        ds_trio.add_timer(0, tick)
+    # Each firing happened in a later round than the one before it.
+    assert fired == sorted(set(fired))
+    assert len(fired) == 5

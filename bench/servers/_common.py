@@ -76,8 +76,8 @@ def parse_requests(buf: bytes) -> tuple[list[bytes | int], bytes]:
 
     Returns ``(items, rest)``: each item is either bytes to echo (consecutive
     echo lines are coalesced into one slice, so pipelined lines cost one
-    send) or an int N for ``bulk N``.  Malformed ``bulk`` lines are echoed,
-    as "any other line" is.
+    send) or an int N for ``bulk N``.  Malformed ``bulk`` lines (``bulk x``)
+    are echoed, as "any other line" is.
     """
     items: list[bytes | int] = []
     start = 0  # first byte not yet turned into an item
@@ -87,14 +87,13 @@ def parse_requests(buf: bytes) -> tuple[list[bytes | int], bytes]:
         if nl < 0:
             break
         if buf.startswith(_BULK_PREFIX, pos):
-            try:
-                n = int(buf[pos + len(_BULK_PREFIX) : nl])
-            except ValueError:
-                n = -1
-            if n >= 0:
+            digits = buf[pos + len(_BULK_PREFIX) : nl]
+            # ASCII digits only, as the C and Perl servers parse it (int()
+            # would also take " 5", "+5" and "1_0")
+            if digits.isdigit():
                 if pos > start:
                     items.append(buf[start:pos])
-                items.append(n)
+                items.append(int(digits))
                 start = nl + 1
         pos = nl + 1
     if pos > start:

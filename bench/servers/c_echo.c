@@ -141,6 +141,18 @@ static int flush_out(struct conn *c)
 	return 1;
 }
 
+/* "bulk " followed by one or more digits; anything else is echoed. */
+static int is_bulk_line(const char *line, const char *nl)
+{
+	const char *d = line + 5;
+	if (nl - line < 6 || memcmp(line, "bulk ", 5) != 0)
+		return 0;
+	for (; d < nl; d++)
+		if (*d < '0' || *d > '9')
+			return 0;
+	return 1;
+}
+
 /*
  * Handles the complete lines in p[0..len).  Consecutive echo lines are one
  * contiguous span of the input, so they leave in one send().  Returns the
@@ -157,7 +169,7 @@ static size_t process(struct conn *c, const char *p, size_t len, int *dead)
 		int is_bulk;
 		if (!nl)
 			break;
-		is_bulk = (nl - line) >= 5 && memcmp(line, "bulk ", 5) == 0;
+		is_bulk = is_bulk_line(line, nl);
 		if (!is_bulk) {
 			span += (size_t)(nl - line) + 1;
 			continue;

@@ -758,7 +758,8 @@ def SetLoopTimeout(milliseconds: float) -> float:
         TypeError: not a number.
         ValueError: NaN.
     """
-    if isinstance(milliseconds, bool) or not isinstance(milliseconds, numbers.Real):
+    value: object = milliseconds  # typed float, but checked as any real
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(
             f"loop timeout must be a number of milliseconds, not {milliseconds!r}"
         )

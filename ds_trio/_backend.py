@@ -4,7 +4,7 @@ On trio the loop calls ``trio.lowlevel`` directly: going through anyio's
 trio backend costs about 30 % more per wake-up, and a DS object's wake-up is
 the hot path.  On asyncio (and uvloop) anyio's functions are the portable
 way to wait on a raw fd.  Everything else in ds_trio goes through this one
-record, so no other module asks which backend is running.
+record, so no other part of the loop asks which backend is running.
 """
 
 from __future__ import annotations

@@ -19,12 +19,16 @@ import inspect
 import logging
 import os
 import socket
+import ssl
 import stat
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import anyio
 
+from . import _wbuf
+from ._errors import DSError
 from ._flags import DIRECTIONS, EPOLLIN, EPOLLONESHOT, check_events
 from ._loop import (
     ErrorPolicy,
@@ -115,6 +119,7 @@ class DS:
 
     __slots__ = (
         "__weakref__",
+        "_ds_no_sendfile",
         "_ds_running",
         "_ds_state",
         "_ev",
@@ -134,10 +139,12 @@ class DS:
     _ds_async_step: ClassVar[bool] = False
     #: Marks DS objects for the loop without an import cycle.
     _ds_is_ds: ClassVar[bool] = True
+    #: Where spill files are created; None: ``tempfile.gettempdir()``.
+    spill_dir: ClassVar[str | None] = None
 
     sock: Any
     rbuf: bytearray | None
-    wbuf: list[Any] | None
+    wbuf: deque[Any] | None
     _ds_state: _State
 
     # ------------------------------------------------------------------
@@ -165,6 +172,7 @@ class DS:
         self._wait_dir = _NO_SCOPE
         self._steps_due = 0
         self._ds_running = False
+        self._ds_no_sendfile = False
         _state().register(self, fd)
 
     def __repr__(self) -> str:
@@ -236,8 +244,9 @@ class DS:
         sock = self.sock
         if sock is None:
             return 0
+        recv = getattr(sock, "recv", None)
         try:
-            data = sock.recv(length)
+            data = recv(length) if recv is not None else os.read(sock.fileno(), length)
         except BlockingIOError:
             # The seed calls epwait() and rbuf_idle() as plain functions
             # here (no subclass override applies); inlined because this is
@@ -272,6 +281,106 @@ class DS:
         """
         self.rbuf = rbuf if rbuf else None
 
+    # ------------------------------------------------------------------
+    # Write path (bodies in _wbuf)
+    # ------------------------------------------------------------------
+
+    def write(self, data: _wbuf.WriteItem) -> bool:
+        """Write bytes, or queue a callable to run after what is queued.
+
+        ``data`` is a bytes-like object (copied if it must be queued, so the
+        caller may reuse a ``bytearray`` at once) or a callable, called with
+        the object once everything queued before it has been sent - at once
+        when nothing is queued.  Bytes are never reordered.  What the socket
+        does not take now goes to an unlinked spill file: after a partial
+        send the object is requeued, after EAGAIN ``EPOLLOUT|EPOLLONESHOT``
+        is armed.  A hard error (EPIPE, ECONNRESET, ...) closes the object.
+
+        Returns:
+            True when everything went out now, the callable ran now, or the
+            object is already closed (the seed's deliberate lie: a caller
+            that wrote twice after the first write killed the object is not
+            hurt by it).  False when anything is queued - not an error.
+
+        Raises:
+            TypeError: ``data`` is a ``str`` or not bytes-like nor callable.
+        """
+        return _wbuf.write(self, data)
+
+    def flush_write(self) -> bool:
+        """Send what is queued; True only when the queue is empty.
+
+        Spill files are sent in order, with ``sendfile`` where the socket
+        allows it; queued callables run in order.  Stops when the socket is
+        full (write interest armed), when a callable queued more work (it
+        arranged its own wake-up), or when a callable closed the object
+        (nothing more is sent or re-armed).  A hard write error closes the
+        object; nothing is raised.  Protocol code calls this first in
+        ``event_step`` and reads more only when it returned True.
+        """
+        return _wbuf.flush_write(self)
+
+    def msg_more(self, data: bytes | bytearray | memoryview) -> bool:
+        """Write with ``MSG_MORE`` ("more follows") when nothing is queued.
+
+        On Linux, for non-TLS sockets with an empty queue, the kernel holds
+        the bytes back until the next plain write, so a response header and
+        body leave in one segment without ``TCP_CORK``.  Otherwise exactly
+        :meth:`write` (the base class's, never a subclass override).  End
+        every response with :meth:`write`, or the last piece waits ~200 ms.
+        """
+        return _wbuf.msg_more(self, data)
+
+    def epbit(self, default: int) -> int:
+        """The interest to wait for: ``default`` on plain sockets.
+
+        The seed's ``epbit($sock, $default)``: over TLS it is whatever
+        direction the TLS layer asks for.
+        """
+        return default
+
+    async def drained(self) -> bool:
+        """Wait until the write queue is empty (for async ``event_step`` code).
+
+        Flushes as :meth:`flush_write` does and waits for the socket in
+        between.  Must be awaited from the object's own ``async def
+        event_step`` (the object's task is the one waiter on its fd).
+
+        Returns:
+            True when the queue is empty, False if the object was closed.
+
+        Raises:
+            DSError: awaited from outside the object's own async step.
+        """
+        if self._wait_dir != _NO_SCOPE:
+            raise DSError(
+                f"{self!r}.drained() must be awaited from its own async event_step"
+            )
+        backend = cast("Loop", self._ds_state)._require_backend()
+        while not self.flush_write():
+            sock = self.sock
+            if sock is None:
+                return False
+            direction = self._ev & _BOTH
+            if direction & _OUT:
+                await backend.wait_writable(sock)
+            elif direction & _IN:
+                await backend.wait_readable(sock)
+            else:
+                await backend.checkpoint()  # partial send: it was requeued
+        return self.sock is not None
+
+    def _ds_sendfile_ok(self) -> bool:
+        sock = self.sock
+        return (
+            not self._ds_no_sendfile
+            and isinstance(sock, socket.socket)
+            and not isinstance(sock, ssl.SSLSocket)
+        )
+
+    def _ds_msg_more_ok(self) -> bool:
+        return not isinstance(self.sock, ssl.SSLSocket)
+
     def close(self) -> bool:
         """Close the object (idempotent); queued output is discarded.
 
@@ -289,8 +398,10 @@ class DS:
             return False
         self.sock = None
         # Dropping the queue also breaks self-referential closures queued
-        # in it (a queued "close me" callback holding the object).
-        self.wbuf = None
+        # in it (a queued "close me" callback holding the object); its
+        # spill files are closed now, not whenever the GC gets to them.
+        wbuf, self.wbuf = self.wbuf, None
+        _wbuf.discard(wbuf)
         self._interrupt()  # ends a parked task; notify_closing ends a waiting one
         self._ds_state.schedule_close(self, sock)
         return False
@@ -304,7 +415,7 @@ class DS:
         return self.close()
 
     def shutdn(self) -> bool | None:
-        """Shut the connection down: close it (TLS objects first send close_notify).
+        """Shut the connection down: close it (the seed's ``shutdn``, without TLS).
 
         Returns:
             None if already closed, else what :meth:`close` returns.

@@ -20,8 +20,9 @@ class Events(enum.IntFlag):
     ``EPOLLET`` is accepted and emulated as level-triggered: DS's edge-triggered
     users read until ``EAGAIN`` anyway, so the only difference is an extra,
     harmless ``event_step`` call.  ``EPOLLEXCLUSIVE`` is accepted and ignored:
-    trio and anyio register every fd themselves, with ``EPOLLONESHOT``, and
-    the kernel refuses the two together.
+    trio and anyio register every fd in their own poller (trio always with
+    ``EPOLLONESHOT``, which the kernel refuses together with
+    ``EPOLLEXCLUSIVE``; asyncio's selector with neither).
     """
 
     EPOLLIN = 0x001

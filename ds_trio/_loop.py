@@ -17,7 +17,8 @@ that waits for its own fd and calls its own ``event_step``, and one
 1. run the requeued items queued before this round (FIFO);
 2. run the due timers (deadline order, ties in insertion order);
 3. idle, unless anything ran or is queued, until a DS task reports activity,
-   work is queued, the next timer is due, or the loop timeout passes;
+   work is queued, the next timer is due, or - while a post-loop callback is
+   set - the loop timeout passes;
 4. let the scheduler run every task already woken by the kernel (the I/O
    phase: ``settle_passes`` scheduler passes, see ``_backend``);
 5. release deferred closes, then call the post-loop callback.
@@ -110,6 +111,8 @@ class _State:
         self.post_loop_callback: PostLoopCallback | None = None
         #: Milliseconds, as the seed's ``$LoopTimeout``; negative: no bound.
         self.loop_timeout: float = -1
+        #: Bytes written to spill files so far.
+        self.spilled_bytes = 0
 
     # Hooks the running loop overrides; the pending state has nobody to wake.
     def kick(self) -> None:
@@ -234,6 +237,8 @@ class LoopStatistics:
     pending_closes: int
     #: Completed rounds.
     rounds: int
+    #: Bytes written to spill files so far (output the sockets did not take).
+    bytes_spilled: int
 
 
 class Loop(_State):
@@ -295,6 +300,7 @@ class Loop(_State):
             queued=len(self.runq),
             pending_closes=len(self.to_close),
             rounds=self._rounds,
+            bytes_spilled=self.spilled_bytes,
         )
 
     # ------------------------------------------------------------------
@@ -331,6 +337,7 @@ class Loop(_State):
         assert self._backend is not None
         tg = self._tg
         self._body_done = True
+        body_exc = exc
         if exc is None:
             # The body returned: wait for the loop to finish.  The driver
             # ends it by cancelling the task group, which ends this sleep.
@@ -366,8 +373,11 @@ class Loop(_State):
         unwrapped = _strip_task_group(raised, exc)
         if failures:
             raise BaseExceptionGroup("ds_trio loop failed", [unwrapped, *failures])
-        if unwrapped is exc:
+        if body_exc is not None and unwrapped is body_exc:
             return False  # re-raises the body's exception, traceback intact
+        # Also a cancellation that arrived while waiting for the loop to
+        # finish: returning False would swallow it, as nothing was raised
+        # into this __aexit__.
         raise unwrapped
 
     def _teardown(self, *, clean: bool) -> None:
@@ -684,8 +694,10 @@ def add_timer(seconds: float, callback: Callable[..., object], *args: Any) -> Ti
 
     Outside a running loop the timer goes to this thread's pending state and
     keeps its deadline relative to this call when a loop adopts it.  Equal
-    deadlines fire in insertion order; zero or negative delays fire in the
-    next round.
+    deadlines fire in insertion order.  A zero or negative delay makes the
+    timer due at once: added before the round's timers run (before the loop,
+    from a requeued item) it fires in this round, added later (from a timer
+    or an ``event_step``) in the next.
 
     Returns:
         A :class:`Timer`; its ``cancel()`` cancels it.
@@ -798,8 +810,10 @@ def EventLoop(
     is finished (see :class:`Loop`), and - unlike ``async with
     ds_trio.loop()`` - leaves whatever is still registered, pending or set
     in this thread's state for the next ``EventLoop`` call, as the seed's
-    globals outlive it until ``Reset``.  ``backend`` is an anyio backend name
-    (``"trio"`` or ``"asyncio"``; ``backend_options={"use_uvloop": True}``).
+    globals outlive it until ``Reset``.  When it ends with an exception,
+    everything is closed first, as with ``async with``.  ``backend`` is an
+    anyio backend name (``"trio"`` or ``"asyncio"``; with
+    ``backend_options={"use_uvloop": True}`` for uvloop).
 
     Raises:
         DSError: called from inside a running loop.

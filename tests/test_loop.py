@@ -624,3 +624,20 @@ async def test_self_rearming_zero_second_timer_waits_for_next_round() -> None:
     # Each firing happened in a later round than the one before it.
     assert fired == sorted(set(fired))
     assert len(fired) == 5
+
+
+async def test_cancellation_while_waiting_for_the_loop_propagates() -> None:
+    """The body returned; the enclosing scope is cancelled while __aexit__ waits."""
+    a, b = socketpair()
+    after: list[str] = []
+    try:
+        with anyio.CancelScope() as scope:
+            async with ds_trio.loop():
+                Recorder(a, [], "parked")  # keeps the loop alive
+                ds_trio.add_timer(0, scope.cancel)
+            after.append("ran")  # must not run: the cancellation propagates
+        assert scope.cancelled_caught
+        assert after == []
+        assert a.fileno() == -1
+    finally:
+        b.close()

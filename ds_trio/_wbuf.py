@@ -1,0 +1,323 @@
+"""The write path: an ordered queue of spill files and callables.
+
+DS never buffers output on the heap.  What the socket does not take at once
+goes to an unlinked temporary file (a *spill file*), and the queue (``wbuf``)
+mixes those files with callables that run once everything queued before
+them has been sent.  The kernel already keeps large socket buffers and the
+page cache keeps recent file data, so a slow client costs disk pages the
+kernel can drop, not heap the process can never give back
+(``Documentation/technical/ds.txt``).
+
+Differences from the seed, each a fix or a speed-up:
+
+* spill files are sent with ``os.sendfile`` (no copy through Python) where
+  the socket allows it, with ``pread`` + ``send`` otherwise (TLS);
+* data written after a queued callable starts a new spill entry (the seed
+  crashed there: "Not an ARRAY reference", fixed upstream in 0f334acf);
+* a callable that closes the object stops the flush: nothing more is sent
+  and nothing is re-armed (the seed re-armed a deregistered fd and died,
+  fixed upstream in 336a3183);
+* every spill file is closed when sent, when the object closes and when the
+  loop ends, so none outlives its connection.
+
+These functions are the bodies of the ``DS`` methods of the same names.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from ._ds import DS
+
+__all__ = ["MSG_MORE", "Spill", "flush_write", "msg_more", "open_spill", "write"]
+
+log = logging.getLogger("ds_trio.wbuf")
+
+#: ``send(2)`` flag: more data follows (Linux); 0 where it does not exist.
+MSG_MORE: Final = getattr(socket, "MSG_MORE", 0)
+
+_EPOLLOUT_ONESHOT: Final = 0x004 | (1 << 30)
+# How much one read+send round moves when sendfile cannot be used, as the
+# seed's send_tmpio.
+_CHUNK: Final = 65536
+# Errors that mean the spill directory, not the client, is in trouble: the
+# seed drops the client and asks for an operator's attention.
+_SPILL_ERRORS: Final = (
+    errno.ENOSPC,
+    errno.EFBIG,
+    errno.EIO,
+    errno.EMFILE,
+    errno.ENFILE,
+    errno.EROFS,
+    errno.EDQUOT,
+)
+
+_o_tmpfile_works = hasattr(os, "O_TMPFILE")
+
+
+def open_spill(directory: str | None) -> int:
+    """An unlinked temporary file in ``directory``; returns its fd.
+
+    ``O_TMPFILE`` makes the file nameless from birth, so nothing is left
+    behind even if the process dies; elsewhere it is created and unlinked at
+    once, as the seed's ``tmpfile`` does.
+    """
+    global _o_tmpfile_works
+    directory = directory if directory is not None else tempfile.gettempdir()
+    flags = os.O_RDWR | os.O_CLOEXEC
+    if _o_tmpfile_works:
+        try:
+            return os.open(directory, flags | os.O_TMPFILE, 0o600)
+        except IsADirectoryError:  # kernel without O_TMPFILE
+            _o_tmpfile_works = False
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            # This filesystem cannot; others may, so keep trying next time.
+    fd, name = tempfile.mkstemp(prefix="ds_trio-wbuf-", dir=directory)
+    os.unlink(name)
+    return fd
+
+
+class Spill:
+    """A spill file in the write queue: bytes from ``offset`` to ``end``.
+
+    ``appendable`` spill files take later writes at their end (the seed's
+    tmpio without a length); files injected with a fixed length never do.
+    """
+
+    __slots__ = ("appendable", "end", "fd", "offset")
+
+    def __init__(
+        self, fd: int, end: int = 0, *, offset: int = 0, appendable: bool = True
+    ) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.end = end
+        self.appendable = appendable
+
+    def append(self, data: Any) -> None:
+        """Write ``data`` at the end of the file (raises OSError)."""
+        view = memoryview(data).cast("B")
+        end = self.end
+        while view:
+            n = os.pwrite(self.fd, view, end)
+            end += n
+            view = view[n:]
+        self.end = end
+
+    def send(self, sock: Any, use_sendfile: bool) -> int:
+        """Send from the file to ``sock``: bytes sent, 0 when exhausted.
+
+        Raises BlockingIOError when the socket takes nothing now, OSError on
+        a real error.  One call sends until the socket is full or the file
+        is exhausted: fairness between clients comes from one-shot re-arming,
+        not from a per-step byte cap (as in the seed).
+        """
+        remaining = self.end - self.offset
+        if remaining <= 0:
+            return 0
+        if use_sendfile:
+            n = os.sendfile(sock.fileno(), self.fd, self.offset, remaining)
+        else:
+            data = os.pread(self.fd, min(remaining, _CHUNK), self.offset)
+            if not data:  # truncated under us
+                raise OSError(errno.EIO, "spill file shorter than expected")
+            n = sock.send(data)
+        self.offset += n
+        return n
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"<Spill fd={self.fd} {self.offset}/{self.end}>"
+
+
+def _bytes_view(data: object) -> memoryview:
+    if isinstance(data, str):
+        raise TypeError(
+            "write() takes bytes-like objects or callables, not str: encode it first"
+        )
+    try:
+        return memoryview(data)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(
+            f"write() takes bytes-like objects or callables, not {type(data).__name__}"
+        ) from None
+
+
+def _spill(obj: DS, view: memoryview, queue: deque[Any]) -> bool:
+    """Queue ``view`` in a new spill file; False if the object was dropped."""
+    try:
+        fd = open_spill(obj.spill_dir)
+    except OSError as exc:
+        obj.drop(f"tmpfile: {exc}")
+        return False
+    spill = Spill(fd)
+    try:
+        spill.append(view)
+    except OSError as exc:
+        spill.close()
+        obj.drop(f"write ({len(view)}) to tmpfile: {exc}")
+        return False
+    queue.append(spill)
+    state = obj._ds_state
+    state.spilled_bytes += len(view)
+    return True
+
+
+def _queue(obj: DS) -> deque[Any]:
+    # The seed pushes onto the *existing* array: flush_write may hold an
+    # empty-but-present queue while it runs a callable that writes, and must
+    # see the growth (upstream c30b4427).
+    queue = obj.wbuf
+    if queue is None:
+        queue = obj.wbuf = deque()
+    return queue
+
+
+def write(obj: DS, data: Any) -> bool:
+    """``DS.write``: send now, or queue behind what is already queued."""
+    sock = obj.sock
+    if sock is None:
+        # "Write lies on a dead socket": a caller can do two writes in one
+        # step, the first failing and closing the object; it will be dead
+        # soon and is not hurt by the lie.
+        return True
+    queue = obj.wbuf
+    if type(data) is not bytes and callable(data):
+        if queue:
+            queue.append(data)
+            return False
+        data(obj)
+        return True
+    if queue:
+        view = _bytes_view(data)
+        last = queue[-1]
+        if type(last) is Spill and last.appendable:
+            try:
+                last.append(view)
+            except OSError as exc:
+                obj.drop(f"print to tmpfile: {exc}")
+                return False
+            obj._ds_state.spilled_bytes += len(view)
+        else:
+            _spill(obj, view, queue)
+        return False
+    try:
+        written = sock.send(data)
+    except BlockingIOError:
+        obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
+        written = 0
+    except InterruptedError:  # pragma: no cover - PEP 475 retries send()
+        written = 0
+    except OSError:
+        return obj.close()
+    view = _bytes_view(data)
+    if written == len(view):
+        return True
+    if written:
+        # The socket is probably still writable: continue next round
+        # without a poller round trip.
+        obj.requeue()
+    _spill(obj, view[written:], _queue(obj))
+    return False
+
+
+def flush_write(obj: DS) -> bool:
+    """``DS.flush_write``: drain the queue; True only when it is empty."""
+    queue = obj.wbuf
+    if queue is None:
+        return True
+    sock = obj.sock
+    if sock is None:
+        # The seed reached into a deleted queue here (upstream 358f6126).
+        return False
+    use_sendfile = obj._ds_sendfile_ok()
+    while queue:
+        head = queue[0]
+        if type(head) is Spill:
+            try:
+                while head.send(sock, use_sendfile):
+                    pass
+            except BlockingIOError:
+                obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
+                return False
+            except OSError as exc:
+                if exc.errno in (errno.EINVAL, errno.ENOSYS) and use_sendfile:
+                    # sendfile refused this socket type: read+send from now on.
+                    obj._ds_no_sendfile = True
+                    use_sendfile = False
+                    continue
+                obj.close()
+                return False
+            queue.popleft()
+            head.close()
+            continue
+        queue.popleft()
+        before = len(queue)
+        head(obj)
+        if obj.sock is not sock:
+            # The callable closed (or replaced) the transport: send nothing
+            # more and re-arm nothing (upstream 336a3183).
+            return False
+        if len(queue) > before:
+            # It queued more work and, by contract, arranged its wake-up.
+            return False
+    if obj.wbuf is queue:
+        obj.wbuf = None
+    return True
+
+
+def msg_more(obj: DS, data: Any) -> bool:
+    """``DS.msg_more``: ``send(MSG_MORE)`` when nothing is queued, else write."""
+    sock = obj.sock
+    if sock is None:
+        return True
+    if MSG_MORE and not obj.wbuf and obj._ds_msg_more_ok():
+        try:
+            sent = sock.send(data, MSG_MORE)
+        except OSError:
+            pass  # EAGAIN or a real error: write() sorts it out
+        else:
+            view = _bytes_view(data)
+            if sent == len(view):
+                return True
+            if _spill(obj, view[sent:], _queue(obj)):
+                obj.epwait(_EPOLLOUT_ONESHOT)
+            return False
+    # The base class's write, never a subclass override (the seed calls
+    # PublicInbox::DS::write as a function so NNTPdeflate does not
+    # compress twice).
+    return write(obj, data)
+
+
+def discard(queue: deque[Any] | None) -> None:
+    """Close every spill file of a dropped queue."""
+    if not queue:
+        return
+    for entry in queue:
+        if type(entry) is Spill:
+            try:
+                entry.close()
+            except OSError:
+                log.warning("closing spill file failed", exc_info=True)
+
+
+def spill_entry_count(queue: deque[Any] | None) -> int:
+    """How many spill files a queue holds (for statistics and tests)."""
+    return 0 if not queue else sum(1 for entry in queue if type(entry) is Spill)
+
+
+WriteItem = bytes | bytearray | memoryview | Callable[["DS"], object]

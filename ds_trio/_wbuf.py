@@ -106,7 +106,7 @@ class Spill:
 
     def append(self, data: Any) -> None:
         """Write ``data`` at the end of the file (raises OSError)."""
-        view = memoryview(data).cast("B")
+        view = _bytes_view(data)
         end = self.end
         while view:
             n = os.pwrite(self.fd, view, end)
@@ -150,11 +150,13 @@ def _bytes_view(data: object) -> memoryview:
             "write() takes bytes-like objects or callables, not str: encode it first"
         )
     try:
-        return memoryview(data)  # type: ignore[arg-type]
+        view = memoryview(data)  # type: ignore[arg-type]
     except TypeError:
         raise TypeError(
             f"write() takes bytes-like objects or callables, not {type(data).__name__}"
         ) from None
+    # Lengths and offsets are bytes (the seed's "use bytes").
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
 
 
 def _spill(obj: DS, view: memoryview, queue: deque[Any]) -> bool:
@@ -169,11 +171,10 @@ def _spill(obj: DS, view: memoryview, queue: deque[Any]) -> bool:
         spill.append(view)
     except OSError as exc:
         spill.close()
-        obj.drop(f"write ({len(view)}) to tmpfile: {exc}")
+        obj.drop(f"write ({view.nbytes}) to tmpfile: {exc}")
         return False
     queue.append(spill)
-    state = obj._ds_state
-    state.spilled_bytes += len(view)
+    obj._ds_state.spilled_bytes += view.nbytes
     return True
 
 
@@ -211,7 +212,7 @@ def write(obj: DS, data: Any) -> bool:
             except OSError as exc:
                 obj.drop(f"print to tmpfile: {exc}")
                 return False
-            obj._ds_state.spilled_bytes += len(view)
+            obj._ds_state.spilled_bytes += view.nbytes
         else:
             _spill(obj, view, queue)
         return False
@@ -225,7 +226,7 @@ def write(obj: DS, data: Any) -> bool:
     except OSError:
         return obj.close()
     view = _bytes_view(data)
-    if written == len(view):
+    if written == view.nbytes:
         return True
     if written:
         # The socket is probably still writable: continue next round
@@ -292,7 +293,7 @@ def msg_more(obj: DS, data: Any) -> bool:
             pass  # EAGAIN or a real error: write() sorts it out
         else:
             view = _bytes_view(data)
-            if sent == len(view):
+            if sent == view.nbytes:
                 return True
             if _spill(obj, view[sent:], _queue(obj)):
                 obj.epwait(_EPOLLOUT_ONESHOT)

@@ -1,23 +1,99 @@
-"""Bench echo server on ds_trio (placeholder until the library lands).
+"""Bench echo server on ds_trio: DS objects, the DS write path, one loop.
 
-The harness runs ``python bench/servers/ds_trio_echo.py PORT --backend
-trio|asyncio|uvloop``.  Until the real server is written, this stub exits
-with status 77, which the harness reports as "skipped" (the automake
-convention for a test that cannot run here).
+Each client is a DS object with ``EPOLLIN|EPOLLONESHOT`` interest whose
+``event_step`` follows public-inbox's pattern: flush queued output first,
+read more only once it is gone (back-pressure, and responses stay in
+request order).  ``bulk N`` is written through ``write()``: what the socket
+does not take goes to a spill file and leaves with ``sendfile``.
 
-Usage: ``python bench/servers/ds_trio_echo.py PORT [--backend ...]``
+Usage: ``python bench/servers/ds_trio_echo.py PORT [--backend trio|asyncio|uvloop]``
 """
 
 from __future__ import annotations
 
-import sys
+import signal
+import socket
+from typing import Any
 
-EXIT_SKIP = 77
+import anyio
+from _common import (
+    RECV_SIZE,
+    parse_args,
+    parse_requests,
+    raise_nofile_limit,
+    ready,
+    zero_chunks,
+)
+
+import ds_trio
+from ds_trio import DS, EPOLLIN, EPOLLONESHOT
+
+
+class Client(DS):
+    """One connection speaking the bench protocol."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+
+    def event_step(self) -> None:
+        if not self.flush_write() or self.sock is None:
+            return
+        rbuf = self.rbuf if self.rbuf is not None else bytearray()
+        while self.do_read(rbuf, RECV_SIZE, len(rbuf)):
+            items, rest = parse_requests(bytes(rbuf))
+            rbuf = bytearray(rest)
+            for item in items:
+                if isinstance(item, int):
+                    for chunk in zero_chunks(item):
+                        self.write(chunk)
+                else:
+                    self.write(item)
+            if self.wbuf:
+                # Output is queued and its wake-up arranged (requeue or
+                # EPOLLOUT); read more only once it has drained.
+                self.rbuf_idle(rbuf)
+                return
+
+
+class Listener(DS):
+    """Accepts one connection per wake-up, level-triggered (as upstream)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, EPOLLIN)
+
+    def event_step(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except BlockingIOError:
+            return
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        Client(conn)
+
+
+async def serve(port: int) -> None:
+    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    lsock.bind(("127.0.0.1", port))
+    lsock.listen(4096)
+    async with ds_trio.loop(errors="log") as loop:
+        Listener(lsock)
+        ready(lsock.getsockname()[1])
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                loop.stop()
+                break
 
 
 def main() -> None:
-    sys.stderr.write("ds_trio server not yet available\n")
-    sys.exit(EXIT_SKIP)
+    args = parse_args(
+        "ds_trio bench echo server", backends=("trio", "asyncio", "uvloop")
+    )
+    raise_nofile_limit()
+    options: dict[str, Any] = {}
+    backend = args.backend
+    if backend == "uvloop":
+        backend, options = "asyncio", {"use_uvloop": True}
+    anyio.run(serve, args.port, backend=backend, backend_options=options)
 
 
 if __name__ == "__main__":

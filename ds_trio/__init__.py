@@ -7,6 +7,8 @@ snake_case names beside the CamelCase ones are the same objects.
 
 from __future__ import annotations
 
+from ._children import awaitpid as awaitpid
+from ._children import dwaitpid as dwaitpid
 from ._ds import DS as DS
 from ._errors import AlreadyRegisteredError as AlreadyRegisteredError
 from ._errors import DSError as DSError
@@ -17,6 +19,10 @@ from ._flags import EPOLLIN as EPOLLIN
 from ._flags import EPOLLONESHOT as EPOLLONESHOT
 from ._flags import EPOLLOUT as EPOLLOUT
 from ._flags import Events as Events
+from ._later import LATER_DELAY as LATER_DELAY
+from ._later import add_uniq_timer as add_uniq_timer
+from ._later import expire_old as expire_old
+from ._later import later as later
 from ._loop import DescriptorMap as DescriptorMap
 from ._loop import EventLoop as EventLoop
 from ._loop import Loop as Loop
@@ -30,6 +36,7 @@ from ._loop import in_loop as in_loop
 from ._loop import loop as loop
 from ._loop import now as now
 from ._loop import requeue as requeue
+from ._reaper import child_status as child_status
 from ._timers import Timer as Timer
 
 __version__ = "0.1.0.dev0"
@@ -51,6 +58,8 @@ __all__ = [
     "EPOLLIN",
     "EPOLLONESHOT",
     "EPOLLOUT",
+    "LATER_DELAY",
+    "LATER_DELAY",
     "AlreadyRegisteredError",
     "DSError",
     "DescriptorMap",
@@ -65,10 +74,16 @@ __all__ = [
     "Timer",
     "__version__",
     "add_timer",
+    "add_uniq_timer",
+    "awaitpid",
+    "child_status",
     "current_loop",
     "descriptor_map",
+    "dwaitpid",
     "event_loop",
+    "expire_old",
     "in_loop",
+    "later",
     "loop",
     "now",
     "requeue",

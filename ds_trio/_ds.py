@@ -141,6 +141,10 @@ class DS:
     _ds_is_ds: ClassVar[bool] = True
     #: Where spill files are created; None: ``tempfile.gettempdir()``.
     spill_dir: ClassVar[str | None] = None
+    #: Seconds of inactivity after which ``expire_old`` shuts an object
+    #: down (the seed's ``$EXPTIME``; IMAP uses 1800).  A loop's
+    #: ``exptime`` overrides it for all its objects.
+    EXPTIME: ClassVar[float] = 180
 
     sock: Any
     rbuf: bytearray | None
@@ -381,6 +385,44 @@ class DS:
     def _ds_msg_more_ok(self) -> bool:
         return not isinstance(self.sock, ssl.SSLSocket)
 
+    # ------------------------------------------------------------------
+    # Idle expiry
+    # ------------------------------------------------------------------
+
+    def _exptime(self) -> float:
+        override = self._ds_state.exptime
+        return float(override if override is not None else type(self).EXPTIME)
+
+    def update_idle_time(self) -> bool:
+        """Mark activity now; arms the idle check (``later(expire_old)``).
+
+        Returns:
+            True, or False if the object is closed (IMAP's keep-alive tick
+            relies on that).
+        """
+        if self.sock is None:
+            return False
+        state = self._ds_state
+        state.idle.touch(self, self._exptime(), state.timers.clock())
+        if not state.exp_armed:
+            from ._later import expire_old, later
+
+            later(expire_old)
+            state.exp_armed = True
+        return True
+
+    def not_idle_long(self, now: float) -> bool:
+        """True if the object was active less than ``EXPTIME`` before ``now``.
+
+        False when closed or never tracked.  Graceful shutdown treats a
+        recently active client as busy and gives it time to finish.
+        """
+        if self.sock is None:
+            return False
+        exptime = self._exptime()
+        idle_at = self._ds_state.idle.idle_since(self, exptime)
+        return idle_at is not None and idle_at + exptime > now
+
     def close(self) -> bool:
         """Close the object (idempotent); queued output is discarded.
 
@@ -402,8 +444,11 @@ class DS:
         # spill files are closed now, not whenever the GC gets to them.
         wbuf, self.wbuf = self.wbuf, None
         _wbuf.discard(wbuf)
+        state = self._ds_state
+        if state.idle.groups:
+            state.idle.forget(self)
         self._interrupt()  # ends a parked task; notify_closing ends a waiting one
-        self._ds_state.schedule_close(self, sock)
+        state.schedule_close(self, sock)
         return False
 
     def drop(self, *message: object) -> bool:

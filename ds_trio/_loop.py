@@ -31,12 +31,14 @@ callback is set or it closed or requeued something.
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 import math
 import numbers
+import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeAlias
@@ -46,6 +48,8 @@ import anyio.abc
 
 from ._backend import Backend, CancelScopeLike, current_backend
 from ._errors import DSError, NotInLoopError
+from ._idle import IdleTracker
+from ._reaper import Reaper, reap_in_background
 from ._timers import Timer, TimerQueue, check_delay
 
 if TYPE_CHECKING:
@@ -113,6 +117,20 @@ class _State:
         self.loop_timeout: float = -1
         #: Bytes written to spill files so far.
         self.spilled_bytes = 0
+        #: ``later`` callbacks of the current batch and the batch's timer.
+        self.later_queue: list[tuple[Callable[..., object], tuple[Any, ...]]] = []
+        self.later_timer: Timer | None = None
+        #: Idle tracking (``update_idle_time``); ``exp_armed`` is the seed's
+        #: ``$exp_timer`` guard: an ``expire_old`` is queued with ``later``.
+        self.idle = IdleTracker()
+        self.exp_armed = False
+        #: Overrides ``DS.EXPTIME`` for every object of this loop when set.
+        self.exptime: float | None = None
+        #: Named timers of ``add_uniq_timer``.
+        self.uniq_timers: dict[object, Timer] = {}
+        #: Children awaited with ``dwaitpid``/``awaitpid``: pid -> callback
+        #: (of the pending state: for the next loop to watch).
+        self.children: dict[int, Callable[[], object]] = {}
 
     # Hooks the running loop overrides; the pending state has nobody to wake.
     def kick(self) -> None:
@@ -179,13 +197,57 @@ class _State:
         if other.loop_timeout >= 0:
             self.loop_timeout = other.loop_timeout
             other.loop_timeout = -1
+        self.spilled_bytes += other.spilled_bytes
+        other.spilled_bytes = 0
+        self.later_queue.extend(other.later_queue)
+        other.later_queue = []
+        if other.later_timer is not None and other.later_timer.active:
+            self.later_timer = other.later_timer  # moved with the timers
+        other.later_timer = None
+        self.idle.adopt(other.idle, self.timers.clock() - other.timers.clock())
+        self.exp_armed = self.exp_armed or other.exp_armed
+        other.exp_armed = False
+        if other.exptime is not None:
+            self.exptime = other.exptime
+            other.exptime = None
+        self.uniq_timers.update(
+            (name, t) for name, t in other.uniq_timers.items() if t.active
+        )
+        other.uniq_timers = {}
+        children, other.children = other.children, {}
+        for pid, callback in children.items():
+            self.watch_child(pid, callback)
         if self.runq or self.to_close:
             self.kick()
+
+    def watch_child(self, pid: int, callback: Callable[[], object]) -> None:
+        """Await child ``pid``; the pending state just remembers it."""
+        self.children[pid] = callback
+
+    def run_later(self) -> None:
+        """Run the current ``later`` batch (the seed's ``_run_later``)."""
+        batch, self.later_queue = self.later_queue, []
+        timer, self.later_timer = self.later_timer, None
+        if timer is not None:
+            timer.cancel()
+        for callback, args in batch:
+            self.call(callback, args)
+
+    def call(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        """Call a loop callback; the pending state has no error policy."""
+        callback(*args)
 
     def reset(self) -> None:
         """Forget everything: close registered objects, drop timers and queues."""
         self.runq = []
         self.timers.cancel_all()
+        self.later_queue = []
+        self.later_timer = None
+        self.idle.clear()
+        self.exp_armed = False
+        self.exptime = None
+        self.uniq_timers = {}
+        self.forget_children()
         for obj in list(self.descriptor_map.values()):
             try:
                 obj.close()
@@ -194,6 +256,13 @@ class _State:
         self.post_loop_callback = None
         self.loop_timeout = -1
         self.kick()
+
+    def forget_children(self) -> None:
+        """Stop awaiting children; reap them in the background (no zombies)."""
+        pids = list(self.children)
+        self.children = {}
+        if pids:
+            reap_in_background(pids)
 
 
 def _pending() -> _State:
@@ -254,8 +323,18 @@ class Loop(_State):
     cancelling the scope around the block ends the loop.
     """
 
-    def __init__(self, *, errors: ErrorPolicy = "raise", _keep_state: bool = False):
+    def __init__(
+        self,
+        *,
+        errors: ErrorPolicy = "raise",
+        signals: Mapping[int, Callable[[int], object]] | None = None,
+        exptime: float | None = None,
+        _keep_state: bool = False,
+    ):
         self.errors: ErrorPolicy = _check_policy(errors)
+        self._signal_handlers = _check_signals(signals)
+        self._signal_receiver: Any = None
+        self._sigchld_emulated: Callable[[int], object] | None = None
         self._keep_state = _keep_state
         self._backend: Backend | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -268,6 +347,9 @@ class Loop(_State):
         self._stop_requested = False
         self._failures: list[BaseException] = []
         self._rounds = 0
+        self._reaper = Reaper(self)
+        if exptime is not None:
+            self.exptime = check_delay(exptime)
         # The clock is bound when the loop starts; nothing can add timers to
         # a Loop before that (outside it they go to the pending state).
         super().__init__(_unstarted_clock)
@@ -318,14 +400,52 @@ class Loop(_State):
         self._tg = tg
         self._token = _current.set(self)
         try:
+            # Handlers go in before anything can checkpoint, so a signal
+            # arriving while the loop starts is queued, not lost.
+            self._install_signal_handlers(backend)
             self.adopt(_pending())
             tg.start_soon(self._driver, name=f"ds_trio driver {id(self):#x}")
         except BaseException:
             _current.reset(self._token)
+            self._remove_signal_handlers()
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
             raise
         return self
+
+    # ------------------------------------------------------------------
+    # Signals
+    # ------------------------------------------------------------------
+
+    def _install_signal_handlers(self, backend: Backend) -> None:
+        handlers = dict(self._signal_handlers)
+        if not handlers:
+            return
+        if backend.name == "uvloop" and signal.SIGCHLD in handlers:
+            # uvloop keeps SIGCHLD for itself (it refuses the handler); the
+            # loop calls the handler after each registered child it reaps.
+            self._sigchld_emulated = handlers.pop(signal.SIGCHLD)
+        if not handlers:
+            return
+        receiver = anyio.open_signal_receiver(*map(signal.Signals, handlers))
+        signals = receiver.__enter__()
+        self._signal_receiver = receiver
+        assert self._tg is not None
+        self._tg.start_soon(self._dispatch_signals, signals, handlers)
+
+    async def _dispatch_signals(
+        self, signals: Any, handlers: dict[int, Callable[[int], object]]
+    ) -> None:
+        # Handlers run as ordinary loop callbacks from the run queue, never
+        # inside a signal handler frame; all signals received before the
+        # next round are handled in it.
+        async for signum in signals:
+            self.requeue_call(self.call, (handlers[signum], (signum,)))
+
+    def _remove_signal_handlers(self) -> None:
+        receiver, self._signal_receiver = self._signal_receiver, None
+        if receiver is not None:
+            receiver.__exit__(None, None, None)
 
     async def __aexit__(
         self,
@@ -381,6 +501,10 @@ class Loop(_State):
         raise unwrapped
 
     def _teardown(self, *, clean: bool) -> None:
+        self._remove_signal_handlers()
+        self._teardown_state(clean=clean)
+
+    def _teardown_state(self, *, clean: bool) -> None:
         """Close everything still registered, after every task has ended.
 
         ``EventLoop()`` ending normally keeps its state instead (the seed's
@@ -394,10 +518,14 @@ class Loop(_State):
             pending = _pending()
             for obj in self.descriptor_map.values():
                 obj._detach()
+            self.children = self._reaper.close(hand_over=True)
             pending.adopt(self)
             self.post_loop_callback = None
             return
+        self._reaper.close(hand_over=False)
         self.runq = []
+        self.later_queue = []
+        self.idle.clear()
         self.timers.cancel_all()
         for obj in list(self.descriptor_map.values()):
             obj._detach()
@@ -430,6 +558,39 @@ class Loop(_State):
         """Run an async step (requeued coroutine function) in its own task."""
         if self._tg is not None and not self._finished:
             self._tg.start_soon(self._run_async_item, fn, what)
+
+    def spawn_task(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Start a supervisor task (a reaper wait) in the loop's task group."""
+        if self._tg is not None and not self._finished:
+            self._tg.start_soon(self._run_supervised, fn, args)
+
+    async def _run_supervised(
+        self, fn: Callable[..., Any], args: tuple[Any, ...]
+    ) -> None:
+        _current.set(self)
+        try:
+            await fn(*args)
+        except Exception as exc:
+            self.failed(exc, fn)
+
+    def requeue_call(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
+        """Run ``fn(*args)`` from the run queue in the next round."""
+        self.runq.append(functools.partial(fn, *args))
+        self.kick()
+
+    def watch_child(self, pid: int, callback: Callable[[], object]) -> None:
+        try:
+            self._reaper.watch(pid, callback)
+        except ChildProcessError:
+            # Handed over from a finished loop and reaped since: nothing to
+            # report its status with any more.
+            log.warning("child %d vanished before this loop could await it", pid)
+
+    def call(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
+        try:
+            callback(*args)
+        except Exception as exc:
+            self.failed(exc, callback)
 
     def schedule_close(self, obj: DS, sock: Any) -> None:
         backend = self._backend
@@ -559,7 +720,14 @@ class Loop(_State):
             and not self.runq
             and not self.to_close
             and not len(self.timers)
+            and not self.children
         )
+
+    def _finish_normally(self) -> None:
+        # The seed flushes pending ``later`` callbacks when its loop exits.
+        if self.later_queue:
+            self.run_later()
+        self._finish()
 
     async def _idle(self, backend: Backend) -> None:
         deadline = self.timers.next_deadline()
@@ -597,13 +765,29 @@ class Loop(_State):
                     self.failed(exc, callback)
                     keep_going = True
                 if not keep_going:
-                    self._finish()
+                    self._finish_normally()
             elif self._nothing_left():
-                self._finish()
+                self._finish_normally()
             if self._stop_requested:
-                self._finish()
+                self._finish_normally()
             if self._is_finished():
                 return
+
+
+def _check_signals(
+    signals: Mapping[int, Callable[[int], object]] | None,
+) -> dict[int, Callable[[int], object]]:
+    if signals is None:
+        return {}
+    valid = signal.valid_signals()
+    checked = {}
+    for signum, handler in signals.items():
+        if signum not in valid:
+            raise ValueError(f"{signum!r} is not a valid signal number")
+        if not callable(handler):
+            raise TypeError(f"handler for signal {signum} is not callable: {handler!r}")
+        checked[int(signum)] = handler
+    return checked
 
 
 def _unstarted_clock() -> float:
@@ -653,7 +837,12 @@ def _leaves(exc: BaseException) -> list[int]:
 # ----------------------------------------------------------------------
 
 
-def loop(*, errors: ErrorPolicy = "raise") -> Loop:
+def loop(
+    *,
+    errors: ErrorPolicy = "raise",
+    signals: Mapping[int, Callable[[int], object]] | None = None,
+    exptime: float | None = None,
+) -> Loop:
     """Create a DS loop to run with ``async with``.
 
     Args:
@@ -665,11 +854,23 @@ def loop(*, errors: ErrorPolicy = "raise") -> Loop:
             closed, and the loop goes on (what servers want).  A DS subclass
             may override the policy for its objects with a class attribute
             ``errors``.
+        signals: ``{signum: handler}``: while the loop runs, each signal
+            received calls ``handler(signum)`` from the run queue (never in a
+            signal handler frame), as newer DS's ``event_loop($sig)``.  The
+            handlers are installed before the loop can run anything and the
+            previous ones restored when it ends.  On uvloop, which keeps
+            SIGCHLD for itself, a SIGCHLD handler is called after each
+            registered child is reaped instead.  Signal handlers can only be
+            installed in the main thread.
+        exptime: idle expiry in seconds for every object of this loop,
+            overriding ``DS.EXPTIME``.
 
     Raises:
-        ValueError: ``errors`` is neither ``"raise"`` nor ``"log"``.
+        ValueError: ``errors`` is neither ``"raise"`` nor ``"log"``, a
+            signal number is invalid, or ``exptime`` is NaN or infinite.
+        TypeError: a signal handler is not callable.
     """
-    return Loop(errors=errors)
+    return Loop(errors=errors, signals=signals, exptime=exptime)
 
 
 def in_loop() -> bool:
@@ -801,7 +1002,10 @@ def Reset() -> None:
 
 
 def EventLoop(
-    *, backend: str = "trio", backend_options: dict[str, Any] | None = None
+    *,
+    backend: str = "trio",
+    backend_options: dict[str, Any] | None = None,
+    signals: Mapping[int, Callable[[int], object]] | None = None,
 ) -> None:
     """Run a loop to completion, synchronously (the seed's ``EventLoop``).
 
@@ -820,9 +1024,13 @@ def EventLoop(
     """
     if in_loop():
         raise DSError("EventLoop() cannot run inside a running ds_trio loop")
-    anyio.run(_event_loop_main, backend=backend, backend_options=backend_options)
+    anyio.run(
+        _event_loop_main, signals, backend=backend, backend_options=backend_options
+    )
 
 
-async def _event_loop_main() -> None:
-    async with Loop(_keep_state=True):
+async def _event_loop_main(
+    signals: Mapping[int, Callable[[int], object]] | None,
+) -> None:
+    async with Loop(signals=signals, _keep_state=True):
         pass

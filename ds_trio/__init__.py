@@ -59,7 +59,6 @@ __all__ = [
     "EPOLLONESHOT",
     "EPOLLOUT",
     "LATER_DELAY",
-    "LATER_DELAY",
     "AlreadyRegisteredError",
     "DSError",
     "DescriptorMap",

@@ -554,7 +554,7 @@ async def test_flush_write_hard_error_closes_the_object_without_raising(
 ) -> None:
     a, b = socketpair() if how == "unix-peer-closed" else tcp_pair()
     with closing(a, b):
-        async with assert_no_leaks(check_tasks=False):
+        async with assert_no_leaks():
             async with ds_trio.loop():
                 obj = Flusher(a)
                 if how == "tcp-peer-closed-then-write-a-lot":
@@ -605,7 +605,7 @@ async def test_callable_that_closes_stops_the_flush_and_closes_all_spill_files(
         closed = True
 
     with closing(a, b):
-        async with assert_no_leaks(check_tasks=False):
+        async with assert_no_leaks():
             async with ds_trio.loop():
                 obj = Flusher(a)
                 filled = fill_socket(a)
@@ -639,7 +639,7 @@ async def test_spill_files_are_unlinked_and_closed_once_sent() -> None:
     a, b = socketpair()
     data = payload(1 * MiB)
     with closing(a, b):
-        async with assert_no_leaks(check_tasks=False), ds_trio.loop() as loop:
+        async with assert_no_leaks(), ds_trio.loop() as loop:
             baseline = spill_fds()
             obj = Flusher(a)
             assert obj.write(data) is False
@@ -659,7 +659,7 @@ async def test_spill_files_are_closed_when_the_object_closes() -> None:
     a, b = socketpair()
     calls: list[DS] = []
     with closing(a, b):
-        async with assert_no_leaks(check_tasks=False):
+        async with assert_no_leaks():
             async with ds_trio.loop():
                 baseline = spill_fds()
                 obj = Flusher(a)
@@ -1336,7 +1336,7 @@ async def test_spill_failure_drops_only_that_object(
     c, d = socketpair()
     data = payload(3 * MiB)
     with closing(a, b, c, d):
-        async with assert_no_leaks(check_tasks=False), ds_trio.loop() as loop:
+        async with assert_no_leaks(), ds_trio.loop() as loop:
             bystander = Flusher(c)
             assert bystander.write(data[: 1 * MiB]) is False
             victim = Victim(a)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 
 import anyio
 
-from . import _wbuf
+from . import _tls, _wbuf
 from ._errors import DSError
 from ._flags import DIRECTIONS, EPOLLIN, EPOLLONESHOT, check_events
 from ._loop import (
@@ -122,6 +122,7 @@ class DS:
         "_ds_no_sendfile",
         "_ds_running",
         "_ds_state",
+        "_ds_tls_want",
         "_ev",
         "_fd",
         "_scope",
@@ -141,6 +142,9 @@ class DS:
     _ds_is_ds: ClassVar[bool] = True
     #: Where spill files are created; None: ``tempfile.gettempdir()``.
     spill_dir: ClassVar[str | None] = None
+    #: Seconds a TLS shutdown may wait to send close_notify before the
+    #: connection is closed anyway.
+    TLS_SHUTDOWN_TIMEOUT: ClassVar[float] = 5.0
     #: Seconds of inactivity after which ``expire_old`` shuts an object
     #: down (the seed's ``$EXPTIME``; IMAP uses 1800).  A loop's
     #: ``exptime`` overrides it for all its objects.
@@ -177,6 +181,7 @@ class DS:
         self._steps_due = 0
         self._ds_running = False
         self._ds_no_sendfile = False
+        self._ds_tls_want = 0
         _state().register(self, fd)
 
     def __repr__(self) -> str:
@@ -251,6 +256,12 @@ class DS:
         recv = getattr(sock, "recv", None)
         try:
             data = recv(length) if recv is not None else os.read(sock.fileno(), length)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+            # TLS may need the other direction to go on reading (epbit).
+            self._ds_tls_want = _tls.want(exc)
+            self.epwait(self._ds_tls_want | _ONESHOT)
+            self.rbuf = rbuf if rbuf else None
+            return 0
         except BlockingIOError:
             # The seed calls epwait() and rbuf_idle() as plain functions
             # here (no subclass override applies); inlined because this is
@@ -336,12 +347,60 @@ class DS:
         return _wbuf.msg_more(self, data)
 
     def epbit(self, default: int) -> int:
-        """The interest to wait for: ``default`` on plain sockets.
+        """The interest to wait for (the seed's ``epbit($sock, $default)``).
 
-        The seed's ``epbit($sock, $default)``: over TLS it is whatever
-        direction the TLS layer asks for.
+        ``default`` on plain sockets; over TLS, the direction the last TLS
+        operation asked for (``EPOLLIN`` or ``EPOLLOUT``, other bits of
+        ``default`` kept), which may be the opposite of the caller's.
         """
+        want = self._ds_tls_want
+        if want and _tls.is_tls(self.sock):
+            return (default & ~_BOTH) | want
         return default
+
+    # ------------------------------------------------------------------
+    # TLS (bodies in _tls)
+    # ------------------------------------------------------------------
+
+    def accept_tls_step(self) -> bool | None:
+        """One non-blocking server-side TLS handshake step.
+
+        Returns:
+            True when the handshake is complete; False when incomplete (the
+            step put itself at the front of the write queue and armed the
+            direction TLS asked for) or failed (the object is closed, with
+            one log line under ``ds_trio.tls``); None if already closed.
+        """
+        return _tls.accept_tls_step(self)
+
+    def shutdn_tls_step(self) -> bool | None:
+        """One TLS shutdown step: send close_notify, then close.
+
+        Does not wait for the peer's close_notify (IO::Socket::SSL's
+        ``SSL_fast_shutdown``).  Returns False when it must wait to send
+        (queued at the front of the write queue), else what ``close``
+        returns; None if already closed.
+        """
+        return _tls.shutdn_tls_step(self)
+
+    def starttls(self, context: ssl.SSLContext, *, server_side: bool = True) -> bool:
+        """Switch to TLS in place (STARTTLS), or start implicit TLS lazily.
+
+        The socket is wrapped with ``do_handshake_on_connect=False`` under
+        the same object and fd, and the first :meth:`accept_tls_step` runs
+        at once.  Bytes the protocol already read into ``rbuf`` stay there:
+        plaintext pipelined after a STARTTLS command is the protocol's to
+        discard (RFC 3207 §4.2).
+
+        Returns:
+            True if the handshake already completed (requeue the object to
+            go on), False while it is in progress (``event_step`` must start
+            with ``flush_write()``, which drives it).
+
+        Raises:
+            ValueError: TLS is already active.
+        """
+        return _tls.starttls(self, context, server_side=server_side)
 
     async def drained(self) -> bool:
         """Wait until the write queue is empty (for async ``event_step`` code).
@@ -460,13 +519,26 @@ class DS:
         return self.close()
 
     def shutdn(self) -> bool | None:
-        """Shut the connection down: close it (the seed's ``shutdn``, without TLS).
+        """Shut the connection down (the seed's ``shutdn``).
+
+        Plain sockets are closed.  Over TLS the shutdown step runs first
+        (close_notify, then close), ahead of anything queued, bounded by
+        ``TLS_SHUTDOWN_TIMEOUT``.  No ``shutdown(2)``: nothing shares the fd.
 
         Returns:
-            None if already closed, else what :meth:`close` returns.
+            None if already closed, else what :meth:`close` or
+            :meth:`shutdn_tls_step` returns.
         """
-        if self.sock is None:
+        sock = self.sock
+        if sock is None:
             return None
+        if _tls.is_tls(sock):
+            # Bound a shutdown whose peer never reads: close regardless after
+            # TLS_SHUTDOWN_TIMEOUT (close is idempotent).
+            from ._loop import add_timer
+
+            add_timer(self.TLS_SHUTDOWN_TIMEOUT, self.close)
+            return self.shutdn_tls_step()
         return self.close()
 
     # ------------------------------------------------------------------
@@ -526,6 +598,8 @@ class DS:
                 ev = self._ev
                 direction = ev & _BOTH
                 wait = waits[direction]
+                if direction == _IN and _tls.is_tls(sock):
+                    wait = self._wait_readable_tls
                 oneshot = ev & _ONESHOT
                 disarmed = ev & ~_BOTH
                 step_now = False
@@ -566,6 +640,15 @@ class DS:
             self._scope = None
             self._wait_dir = _NO_SCOPE
             self._ds_running = False
+
+    async def _wait_readable_tls(self, sock: Any) -> None:
+        # Decrypted bytes already in OpenSSL's buffer never make the fd
+        # readable: step at once instead of waiting for them.
+        backend = cast("Loop", self._ds_state)._require_backend()
+        if sock.pending():
+            await backend.checkpoint()
+        else:
+            await backend.wait_readable(sock)
 
     async def _wait_either(self, sock: Any) -> None:
         """Wait until ``sock`` is readable or writable (``EPOLLIN|EPOLLOUT``).

@@ -29,10 +29,13 @@ import errno
 import logging
 import os
 import socket
+import ssl
 import tempfile
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
+
+from ._tls import want
 
 if TYPE_CHECKING:
     from ._ds import DS
@@ -44,7 +47,8 @@ log = logging.getLogger("ds_trio.wbuf")
 #: ``send(2)`` flag: more data follows (Linux); 0 where it does not exist.
 MSG_MORE: Final = getattr(socket, "MSG_MORE", 0)
 
-_EPOLLOUT_ONESHOT: Final = 0x004 | (1 << 30)
+_ONESHOT: Final = 1 << 30
+_EPOLLOUT_ONESHOT: Final = 0x004 | _ONESHOT
 # How much one read+send round moves when sendfile cannot be used, as the
 # seed's send_tmpio.
 _CHUNK: Final = 65536
@@ -221,6 +225,9 @@ def write(obj: DS, data: Any) -> bool:
     except BlockingIOError:
         obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
         written = 0
+    except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+        _tls_blocked(obj, exc)
+        written = 0
     except InterruptedError:  # pragma: no cover - PEP 475 retries send()
         written = 0
     except OSError:
@@ -234,6 +241,13 @@ def write(obj: DS, data: Any) -> bool:
         obj.requeue()
     _spill(obj, view[written:], _queue(obj))
     return False
+
+
+def _tls_blocked(obj: DS, exc: BaseException) -> None:
+    # A TLS write may need to read first (renegotiation, key update): wait
+    # for whatever direction OpenSSL asked for - the seed's epbit().
+    obj._ds_tls_want = want(exc)
+    obj.epwait(obj._ds_tls_want | _ONESHOT)
 
 
 def flush_write(obj: DS) -> bool:
@@ -254,6 +268,9 @@ def flush_write(obj: DS) -> bool:
                     pass
             except BlockingIOError:
                 obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
+                return False
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                _tls_blocked(obj, exc)
                 return False
             except OSError as exc:
                 if exc.errno in (errno.EINVAL, errno.ENOSYS) and use_sendfile:

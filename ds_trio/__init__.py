@@ -7,6 +7,11 @@ snake_case names beside the CamelCase ones are the same objects.
 
 from __future__ import annotations
 
+from ._accept import ACCEPT_BACKOFF as ACCEPT_BACKOFF
+from ._accept import Listener as Listener
+from ._accept import graceful_shutdown as graceful_shutdown
+from ._accept import listen_fds as listen_fds
+from ._accept import serve as serve
 from ._children import awaitpid as awaitpid
 from ._children import dwaitpid as dwaitpid
 from ._ds import DS as DS
@@ -37,6 +42,7 @@ from ._loop import loop as loop
 from ._loop import now as now
 from ._loop import requeue as requeue
 from ._reaper import child_status as child_status
+from ._streams import DSStream as DSStream
 from ._timers import Timer as Timer
 
 __version__ = "0.1.0.dev0"
@@ -52,6 +58,7 @@ set_post_loop_callback = SetPostLoopCallback
 descriptor_map = DescriptorMap
 
 __all__ = [
+    "ACCEPT_BACKOFF",
     "DS",
     "EPOLLET",
     "EPOLLEXCLUSIVE",
@@ -61,9 +68,11 @@ __all__ = [
     "LATER_DELAY",
     "AlreadyRegisteredError",
     "DSError",
+    "DSStream",
     "DescriptorMap",
     "EventLoop",
     "Events",
+    "Listener",
     "Loop",
     "LoopStatistics",
     "NotInLoopError",
@@ -81,12 +90,15 @@ __all__ = [
     "dwaitpid",
     "event_loop",
     "expire_old",
+    "graceful_shutdown",
     "in_loop",
     "later",
+    "listen_fds",
     "loop",
     "now",
     "requeue",
     "reset",
+    "serve",
     "set_loop_timeout",
     "set_post_loop_callback",
 ]

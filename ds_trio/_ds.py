@@ -44,6 +44,7 @@ from ._loop import (
 if TYPE_CHECKING:
     from ._backend import CancelScopeLike
     from ._loop import Loop, _State
+    from ._streams import DSStream
 
 __all__ = ["DS"]
 
@@ -119,6 +120,7 @@ class DS:
 
     __slots__ = (
         "__weakref__",
+        "_ds_external",
         "_ds_no_sendfile",
         "_ds_running",
         "_ds_state",
@@ -182,6 +184,7 @@ class DS:
         self._ds_running = False
         self._ds_no_sendfile = False
         self._ds_tls_want = 0
+        self._ds_external = False
         _state().register(self, fd)
 
     def __repr__(self) -> str:
@@ -420,18 +423,46 @@ class DS:
                 f"{self!r}.drained() must be awaited from its own async event_step"
             )
         backend = cast("Loop", self._ds_state)._require_backend()
-        while not self.flush_write():
-            sock = self.sock
-            if sock is None:
-                return False
-            direction = self._ev & _BOTH
-            if direction & _OUT:
-                await backend.wait_writable(sock)
-            elif direction & _IN:
-                await backend.wait_readable(sock)
-            else:
-                await backend.checkpoint()  # partial send: it was requeued
+        try:
+            while await self._ds_flush_once(backend) is not None:
+                pass
+        except backend.closed_errors:
+            return False  # closed by someone else while waiting
         return self.sock is not None
+
+    async def _ds_flush_once(self, backend: Any) -> int | None:
+        """One ``flush_write`` and the wait it asked for; None when drained.
+
+        The interest is disarmed first, so what ``flush_write`` (or a queued
+        callable) armed tells EAGAIN (wait for that direction) from a
+        requeue (a queued producer re-pushed itself: just yield) - a stale
+        ``EPOLLIN`` left by an earlier ``do_read`` must not be waited for.
+        """
+        self._ev &= ~_BOTH
+        if self.flush_write():
+            return None
+        sock = self.sock
+        if sock is None:
+            return None
+        direction = self._ev & _BOTH
+        if direction & _OUT:
+            await backend.wait_writable(sock)
+        elif direction & _IN:
+            await backend.wait_readable(sock)
+        else:
+            await backend.checkpoint()
+        return direction
+
+    def to_stream(self) -> DSStream:
+        """Hand this connection to stream-based code as an anyio ``ByteStream``.
+
+        The object stays registered (graceful shutdown and ``busy()`` still
+        see it) and keeps its write queue; from now on the stream's caller
+        drives it and its ``event_step`` is no longer called.
+        """
+        from ._streams import DSStream
+
+        return DSStream(self)
 
     def _ds_sendfile_ok(self) -> bool:
         sock = self.sock
@@ -587,7 +618,7 @@ class DS:
         try:
             while True:
                 sock = self.sock
-                if sock is None:
+                if sock is None or self._ds_external:
                     return
                 if self._steps_due:
                     self._steps_due -= 1

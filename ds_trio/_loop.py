@@ -345,6 +345,7 @@ class Loop(_State):
         self._started = False
         self._finished = False
         self._stop_requested = False
+        self._quitting = False
         self._failures: list[BaseException] = []
         self._rounds = 0
         self._reaper = Reaper(self)

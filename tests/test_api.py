@@ -12,6 +12,7 @@ import ds_trio
 from ds_trio import DS
 
 EXPECTED_ALL = [
+    "ACCEPT_BACKOFF",
     "DS",
     "EPOLLET",
     "EPOLLEXCLUSIVE",
@@ -21,9 +22,11 @@ EXPECTED_ALL = [
     "LATER_DELAY",
     "AlreadyRegisteredError",
     "DSError",
+    "DSStream",
     "DescriptorMap",
     "EventLoop",
     "Events",
+    "Listener",
     "Loop",
     "LoopStatistics",
     "NotInLoopError",
@@ -41,12 +44,15 @@ EXPECTED_ALL = [
     "dwaitpid",
     "event_loop",
     "expire_old",
+    "graceful_shutdown",
     "in_loop",
     "later",
+    "listen_fds",
     "loop",
     "now",
     "requeue",
     "reset",
+    "serve",
     "set_loop_timeout",
     "set_post_loop_callback",
 ]

@@ -19,6 +19,7 @@ import select
 import socket
 import tempfile
 import termios
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -255,8 +256,9 @@ async def test_write_to_a_closed_object_lies_true_and_does_nothing() -> None:
         assert await read_to_eof(b) == b""
 
 
+@pytest.mark.parametrize("method", ["write", "msg_more"])
 async def test_write_hard_error_closes_and_returns_false(
-    caplog: pytest.LogCaptureFixture,
+    method: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     a, b = socketpair()
     with closing(a, b):
@@ -264,7 +266,8 @@ async def test_write_hard_error_closes_and_returns_false(
             obj = Flusher(a)
             b.close()
             before = spill_fds()
-            assert obj.write(b"to nobody") is False  # EPIPE
+            send = obj.write if method == "write" else obj.msg_more
+            assert send(b"to nobody") is False  # EPIPE
             assert obj.sock is None
             assert obj.wbuf is None
             assert spill_fds() == before
@@ -296,6 +299,24 @@ async def test_partial_send_queues_the_rest_and_requeues_the_object() -> None:
             assert await read_exactly(b, len(data)) == data
             await wait_for(lambda: obj.wbuf is None)
             assert obj.flushed[-1] is True
+            loop.stop()
+
+
+@pytest.mark.parametrize("how", ["eagain", "partial"])
+async def test_output_queued_before_the_loop_starts_is_flushed_by_it(
+    how: str,
+) -> None:
+    # The seed's "create objects, write, then EventLoop".
+    a, b = socketpair()
+    with closing(a, b):
+        obj = Flusher(a)
+        filled = fill_socket(a) if how == "eagain" else 0
+        data = b"hello" if how == "eagain" else payload(4 * MiB)
+        assert obj.write(data) is False
+        async with ds_trio.loop() as loop:
+            got = await read_exactly(b, filled + len(data))
+            assert got[filled:] == data
+            await wait_for(lambda: obj.wbuf is None)
             loop.stop()
 
 
@@ -1017,6 +1038,7 @@ class AsyncBulk(DS):
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock, EPOLLIN | EPOLLONESHOT)
         self.drained_results: list[bool] = []
+        self.drained_errors: list[BaseException] = []
         self.queued_when_handled: list[int] = []
 
     async def event_step(self) -> None:
@@ -1035,7 +1057,11 @@ class AsyncBulk(DS):
             self.msg_more(b"BULK %d\n" % n)
             self.write(bulk_body(n))
             self.write(b"END\n")
-            done = await self.drained()
+            try:
+                done = await self.drained()
+            except BaseException as exc:
+                self.drained_errors.append(exc)
+                raise
             self.drained_results.append(done)
             if not done:
                 return
@@ -1071,6 +1097,106 @@ async def test_drained_returns_false_when_the_peer_goes_away() -> None:
             b.close()
             await wait_for(lambda: server.drained_results == [False])
             assert server.sock is None
+
+
+async def test_drained_returns_false_when_closed_by_someone_else_while_waiting() -> (
+    None
+):
+    a, b = socketpair()
+    with closing(a, b):
+        async with ds_trio.loop() as loop:
+            server = AsyncBulk(a)
+            b.sendall(b"bulk 4000000\n")  # never read: drained() waits
+            await wait_for(lambda: bool(server.wbuf))
+            await anyio.wait_all_tasks_blocked()
+            server.close()  # e.g. idle expiry, a timer, another object
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            await anyio.wait_all_tasks_blocked()
+            assert server.drained_errors == []
+            assert server.drained_results == [False]
+            loop.stop()
+
+
+def push_step(obj: DS, step: Callable[[DS], object]) -> None:
+    """Re-push a producer and requeue only if it is the sole entry (long_step)."""
+    queue = obj.wbuf
+    if queue is None:
+        queue = obj.wbuf = deque()
+    queue.append(step)
+    if len(queue) == 1:
+        obj.requeue()
+
+
+class LongResponse(DS):
+    """NNTP/IMAP-style long response: a producer re-pushed onto the queue."""
+
+    def __init__(self, sock: socket.socket, chunks: int) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+        self.remaining = chunks
+        self.started = False
+
+    def long_step(self, obj: DS) -> None:
+        obj.write(b"chunk %d\n" % self.remaining)
+        self.remaining -= 1
+        if self.remaining:
+            push_step(obj, self.long_step)
+
+    def read_request(self) -> bool:
+        buf = bytearray()
+        while self.do_read(buf, 4096, len(buf)):
+            pass
+        return bool(buf)
+
+    def event_step(self) -> None:
+        self.started = True
+        if not self.flush_write() or self.sock is None:
+            return
+        if self.read_request():
+            self.write(self.long_step)
+
+
+class AsyncLongResponse(LongResponse):
+    def __init__(self, sock: socket.socket, chunks: int) -> None:
+        super().__init__(sock, chunks)
+        self.results: list[bool] = []
+
+    async def event_step(self) -> None:  # type: ignore[override]
+        self.started = True
+        if self.read_request():  # ends in EAGAIN: EPOLLIN re-armed
+            self.write(self.long_step)
+            self.results.append(await self.drained())
+
+
+LONG_RESPONSE = b"".join(b"chunk %d\n" % n for n in range(5, 0, -1))
+
+
+async def test_requeueing_producer_runs_to_the_end_from_a_sync_step() -> None:
+    a, b = socketpair()
+    with closing(a, b):
+        async with ds_trio.loop() as loop:
+            obj = LongResponse(a, chunks=5)
+            b.send(b"go\n")
+            assert await read_exactly(b, len(LONG_RESPONSE)) == LONG_RESPONSE
+            await wait_for(lambda: obj.wbuf is None)
+            loop.stop()
+
+
+async def test_drained_honours_a_requeueing_producer() -> None:
+    a, b = socketpair()
+    with closing(a, b):
+        async with ds_trio.loop() as loop:
+            obj = AsyncLongResponse(a, chunks=5)
+            b.send(b"go\n")
+            await wait_for(lambda: obj.started)
+            # Everything fits in the socket buffer: no I/O wait is needed,
+            # only scheduler passes and loop rounds.
+            for _ in range(100):
+                await anyio.lowlevel.checkpoint()
+            await anyio.wait_all_tasks_blocked()
+            assert drain_socket(b) == LONG_RESPONSE
+            assert obj.results == [True]
+            loop.stop()
 
 
 async def test_drained_outside_the_objects_own_step_is_an_error() -> None:

@@ -149,7 +149,7 @@ class DS:
     TLS_SHUTDOWN_TIMEOUT: ClassVar[float] = 5.0
     #: Seconds of inactivity after which ``expire_old`` shuts an object
     #: down (the seed's ``$EXPTIME``; IMAP uses 1800).  A loop's
-    #: ``exptime`` overrides it for all its objects.
+    #: ``exptime`` overrides it for all of that loop's objects.
     EXPTIME: ClassVar[float] = 180
 
     sock: Any
@@ -480,6 +480,8 @@ class DS:
     # ------------------------------------------------------------------
 
     def _exptime(self) -> float:
+        # The loop's setting is the most specific one: it overrides every
+        # class's EXPTIME (as the seed's process-wide $EXPTIME did).
         override = self._ds_state.exptime
         return float(override if override is not None else type(self).EXPTIME)
 

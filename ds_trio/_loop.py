@@ -75,6 +75,11 @@ log = logging.getLogger("ds_trio.loop")
 
 ErrorPolicy: TypeAlias = Literal["raise", "log"]
 PostLoopCallback: TypeAlias = Callable[[dict[int, "DS"]], object]
+#: ``{signum: handler}``; handlers are called as ``handler(signum)``.
+SignalHandlers: TypeAlias = (
+    Mapping[signal.Signals, Callable[[int], object]]
+    | Mapping[int, Callable[[int], object]]
+)
 
 _ERROR_POLICIES: Final = ("raise", "log")
 
@@ -327,13 +332,14 @@ class Loop(_State):
         self,
         *,
         errors: ErrorPolicy = "raise",
-        signals: Mapping[int, Callable[[int], object]] | None = None,
+        signals: SignalHandlers | None = None,
         exptime: float | None = None,
         _keep_state: bool = False,
     ):
         self.errors: ErrorPolicy = _check_policy(errors)
         self._signal_handlers = _check_signals(signals)
         self._signal_receiver: Any = None
+        self._previous_signal_handlers: dict[int, Any] = {}
         self._sigchld_emulated: Callable[[int], object] | None = None
         self._keep_state = _keep_state
         self._backend: Backend | None = None
@@ -349,11 +355,11 @@ class Loop(_State):
         self._failures: list[BaseException] = []
         self._rounds = 0
         self._reaper = Reaper(self)
-        if exptime is not None:
-            self.exptime = check_delay(exptime)
         # The clock is bound when the loop starts; nothing can add timers to
         # a Loop before that (outside it they go to the pending state).
         super().__init__(_unstarted_clock)
+        if exptime is not None:
+            self.exptime = check_delay(exptime)
         self.timers.on_new_head = self._timer_head_moved
         self.timers.on_empty = self.kick
 
@@ -428,6 +434,11 @@ class Loop(_State):
             self._sigchld_emulated = handlers.pop(signal.SIGCHLD)
         if not handlers:
             return
+        # asyncio's remove_signal_handler() leaves SIG_DFL behind, not what
+        # was there before: remember the previous handlers to restore them.
+        self._previous_signal_handlers = {
+            signum: signal.getsignal(signum) for signum in handlers
+        }
         receiver = anyio.open_signal_receiver(*map(signal.Signals, handlers))
         signals = receiver.__enter__()
         self._signal_receiver = receiver
@@ -447,6 +458,10 @@ class Loop(_State):
         receiver, self._signal_receiver = self._signal_receiver, None
         if receiver is not None:
             receiver.__exit__(None, None, None)
+        previous, self._previous_signal_handlers = self._previous_signal_handlers, {}
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
 
     async def __aexit__(
         self,
@@ -776,7 +791,7 @@ class Loop(_State):
 
 
 def _check_signals(
-    signals: Mapping[int, Callable[[int], object]] | None,
+    signals: SignalHandlers | None,
 ) -> dict[int, Callable[[int], object]]:
     if signals is None:
         return {}
@@ -841,7 +856,7 @@ def _leaves(exc: BaseException) -> list[int]:
 def loop(
     *,
     errors: ErrorPolicy = "raise",
-    signals: Mapping[int, Callable[[int], object]] | None = None,
+    signals: SignalHandlers | None = None,
     exptime: float | None = None,
 ) -> Loop:
     """Create a DS loop to run with ``async with``.
@@ -864,7 +879,8 @@ def loop(
             registered child is reaped instead.  Signal handlers can only be
             installed in the main thread.
         exptime: idle expiry in seconds for every object of this loop,
-            overriding ``DS.EXPTIME``.
+            overriding ``DS.EXPTIME`` and subclasses' values (the seed's
+            ``$EXPTIME`` was process-wide).
 
     Raises:
         ValueError: ``errors`` is neither ``"raise"`` nor ``"log"``, a
@@ -1006,7 +1022,7 @@ def EventLoop(
     *,
     backend: str = "trio",
     backend_options: dict[str, Any] | None = None,
-    signals: Mapping[int, Callable[[int], object]] | None = None,
+    signals: SignalHandlers | None = None,
 ) -> None:
     """Run a loop to completion, synchronously (the seed's ``EventLoop``).
 
@@ -1031,7 +1047,7 @@ def EventLoop(
 
 
 async def _event_loop_main(
-    signals: Mapping[int, Callable[[int], object]] | None,
+    signals: SignalHandlers | None,
 ) -> None:
     async with Loop(signals=signals, _keep_state=True):
         pass

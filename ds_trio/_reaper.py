@@ -192,6 +192,8 @@ class Reaper:
     def _deliver(self, pid: int, status: int, callback: Callable[[], object]) -> None:
         if self.loop.children.pop(pid, None) is None:
             return  # forgotten (Reset) meanwhile
+        # A reaped child may have been the last thing the loop waited for.
+        self.loop.kick()
         token = _status.set(status)
         try:
             self.loop.call(callback, ())

@@ -252,13 +252,14 @@ def _tls_blocked(obj: DS, exc: BaseException) -> None:
 
 def flush_write(obj: DS) -> bool:
     """``DS.flush_write``: drain the queue; True only when it is empty."""
+    sock = obj.sock
+    if sock is None:
+        # Closed: nothing will ever be flushed (upstream 358f6126 returns
+        # early here; the seed reached into the deleted queue).
+        return False
     queue = obj.wbuf
     if queue is None:
         return True
-    sock = obj.sock
-    if sock is None:
-        # The seed reached into a deleted queue here (upstream 358f6126).
-        return False
     use_sendfile = obj._ds_sendfile_ok()
     while queue:
         head = queue[0]

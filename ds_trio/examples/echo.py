@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import socket
+from collections.abc import Callable
 
 import anyio
 
@@ -71,6 +72,15 @@ class Listener(DS):
         except BlockingIOError:
             return
         EchoClient(conn)
+
+
+def make_post_accept() -> Callable[[socket.socket, object, socket.socket], object]:
+    """The daemon's app factory: ``ds_trio._daemon`` calls it once per worker."""
+
+    def post_accept(sock: socket.socket, _addr: object, _listen: socket.socket) -> None:
+        EchoClient(sock)
+
+    return post_accept
 
 
 async def serve(host: str, port: int) -> None:

@@ -1,0 +1,298 @@
+"""Worker processes: public-inbox's ``-W N`` on ds_trio.
+
+The master binds the listening sockets, starts N workers that each run
+their own loop on the shared sockets, respawns a worker that dies, changes
+N on SIGTTIN/SIGTTOU and forwards graceful shutdown (SIGQUIT, SIGTERM,
+SIGINT) to all of them; a second such signal makes the workers stop at
+once.  With N = 0 the master serves alone.
+
+Unlike public-inbox the master does not ``fork()`` workers: forking a
+process that runs trio or asyncio copies the poller, wake-up fds and threads
+of a live event loop into the child.  Workers are fresh interpreters started
+with ``subprocess`` that inherit the listening fds (as systemd socket
+activation would) and a pipe whose EOF tells them the master died.  The
+master's own loop reaps them through the reaper supervisor (``awaitpid``)
+and handles its signals as loop callbacks.
+
+Past one machine: run this daemon on N hosts behind an existing load
+balancer (HAProxy or nginx ``stream``), each host's sockets bound by systemd
+socket activation (``--systemd``); no home-made clustering.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import anyio
+
+from ._accept import Listener, PostAccept, _bind, graceful_shutdown, listen_fds
+from ._children import awaitpid
+from ._ds import DS
+from ._flags import EPOLLIN
+from ._loop import Loop
+from ._loop import loop as open_loop
+
+__all__ = ["Daemon", "load_app", "main"]
+
+log = logging.getLogger("ds_trio.daemon")
+
+_QUIT_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+_ENV_FDS = "DS_TRIO_LISTEN_FDS"
+_ENV_PARENT = "DS_TRIO_PARENT_FD"
+
+
+def load_app(spec: str) -> PostAccept:
+    """Import ``"module:callable"`` and call it to get a ``post_accept``.
+
+    The callable runs once per worker (per process), so it may open
+    per-process resources.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"app must be 'module:callable', got {spec!r}")
+    factory = getattr(importlib.import_module(module_name), attr)
+    post_accept = factory()
+    if not callable(post_accept):
+        raise TypeError(
+            f"{spec}() returned {post_accept!r}, not a post_accept callable"
+        )
+    return post_accept  # type: ignore[no-any-return]
+
+
+class _ParentPipe(DS):
+    """EOF on this pipe means the master is gone: shut down gracefully."""
+
+    def __init__(self, fd: int, on_eof: Callable[[], object]) -> None:
+        super().__init__(os.fdopen(fd, "rb", buffering=0), EPOLLIN)
+        self.on_eof = on_eof
+
+    def event_step(self) -> None:
+        try:
+            data = os.read(self._fd, 64)
+        except BlockingIOError:
+            return
+        if not data:
+            self.close()
+            self.on_eof()
+
+
+async def _serve_worker(
+    post_accept: PostAccept,
+    socks: Sequence[socket.socket],
+    parent_fd: int | None,
+    graceful_timeout: float,
+) -> None:
+    def quit(_signum: int = 0) -> None:
+        graceful_shutdown(loop, timeout=graceful_timeout)
+
+    async with open_loop(
+        errors="log", signals=dict.fromkeys(_QUIT_SIGNALS, quit)
+    ) as loop:
+        for sock in socks:
+            Listener(sock, post_accept)
+        if parent_fd is not None:
+            _ParentPipe(parent_fd, quit)
+
+
+class Daemon:
+    """A master process with ``workers`` worker processes (see module doc).
+
+    ``app`` is ``"module:callable"``; each process calls it once to get its
+    ``post_accept(sock, addr, listen_sock)``.
+    """
+
+    def __init__(
+        self,
+        app: str,
+        sockets: Sequence[socket.socket],
+        *,
+        workers: int = 1,
+        backend: str = "trio",
+        graceful_timeout: float = 30.0,
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        if not sockets:
+            raise ValueError("a daemon needs at least one listening socket")
+        self.app = app
+        self.sockets = list(sockets)
+        self.workers = workers
+        self.backend = backend
+        self.graceful_timeout = graceful_timeout
+        self.children: dict[int, subprocess.Popen[bytes]] = {}
+        self.quitting = 0
+        self._parent_pipes: dict[int, int] = {}
+        self._loop: Loop | None = None
+
+    # -- the master ---------------------------------------------------------
+
+    def run(self) -> None:
+        """Run until shut down (blocking)."""
+        backend, options = _backend_args(self.backend)
+        anyio.run(self._main, backend=backend, backend_options=options)
+
+    async def _main(self) -> None:
+        if self.workers == 0:
+            await _serve_worker(
+                load_app(self.app), self.sockets, None, self.graceful_timeout
+            )
+            return
+        handlers: dict[signal.Signals, Callable[[int], object]] = dict.fromkeys(
+            _QUIT_SIGNALS, self._on_quit
+        )
+        handlers[signal.SIGTTIN] = self._on_ttin
+        handlers[signal.SIGTTOU] = self._on_ttou
+        async with open_loop(errors="log", signals=handlers) as loop:
+            self._loop = loop
+            for _ in range(self.workers):
+                self._spawn()
+
+    def _spawn(self) -> None:
+        read_end, write_end = os.pipe()
+        fds = [s.fileno() for s in self.sockets]
+        env = dict(os.environ)
+        env[_ENV_FDS] = ",".join(map(str, fds))
+        env[_ENV_PARENT] = str(read_end)
+        cmd = [
+            sys.executable,
+            "-m",
+            "ds_trio._daemon",
+            "--worker",
+            self.app,
+            "--backend",
+            self.backend,
+            "--graceful-timeout",
+            str(self.graceful_timeout),
+        ]
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=[*fds, read_end], env=env)
+        finally:
+            os.close(read_end)
+        self.children[proc.pid] = proc
+        self._parent_pipes[proc.pid] = write_end
+        awaitpid(proc.pid, self._on_exit)
+        log.info(
+            "worker %d started (%d of %d)", proc.pid, len(self.children), self.workers
+        )
+
+    def _on_exit(self, pid: int) -> None:
+        proc = self.children.pop(pid, None)
+        write_end = self._parent_pipes.pop(pid, None)
+        if write_end is not None:
+            os.close(write_end)
+        if proc is not None:
+            proc.returncode = proc.returncode if proc.returncode is not None else 0
+        if self.quitting:
+            if not self.children and self._loop is not None:
+                self._loop.stop()
+            return
+        log.warning("worker %d exited; respawning", pid)
+        while len(self.children) < self.workers:
+            self._spawn()
+
+    def _on_quit(self, signum: int) -> None:
+        self.quitting += 1
+        if self.quitting == 1:
+            # Stop accepting here; the workers keep their own copies until
+            # their graceful shutdown closes them.
+            for sock in self.sockets:
+                sock.close()
+        for pid in list(self.children):
+            os.kill(pid, signum)
+        if not self.children and self._loop is not None:
+            self._loop.stop()
+
+    def _on_ttin(self, _signum: int) -> None:
+        if self.quitting:
+            return
+        self.workers += 1
+        self._spawn()
+
+    def _on_ttou(self, _signum: int) -> None:
+        if self.quitting or self.workers <= 1:
+            return
+        self.workers -= 1
+        newest = max(self.children, default=None)
+        if newest is not None:
+            os.kill(newest, signal.SIGQUIT)
+
+
+def _backend_args(name: str) -> tuple[str, dict[str, Any]]:
+    if name == "uvloop":
+        return "asyncio", {"use_uvloop": True}
+    return name, {}
+
+
+def _worker_entry(app: str, backend: str, graceful_timeout: float) -> None:
+    fds = [int(fd) for fd in os.environ.pop(_ENV_FDS, "").split(",") if fd]
+    parent = os.environ.pop(_ENV_PARENT, None)
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    for sock in socks:
+        sock.setblocking(False)
+    post_accept = load_app(app)
+    name, options = _backend_args(backend)
+    anyio.run(
+        _serve_worker,
+        post_accept,
+        socks,
+        int(parent) if parent else None,
+        graceful_timeout,
+        backend=name,
+        backend_options=options,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m ds_trio._daemon``: a generic daemon for an app."""
+    parser = argparse.ArgumentParser(description="ds_trio daemon")
+    parser.add_argument("app", nargs="?", help="module:callable returning post_accept")
+    parser.add_argument("--worker", metavar="APP", help=argparse.SUPPRESS)
+    parser.add_argument("-l", "--listen", action="append", default=[])
+    parser.add_argument("-W", "--workers", type=int, default=1)
+    parser.add_argument("--systemd", action="store_true")
+    parser.add_argument(
+        "--backend", default="trio", choices=["trio", "asyncio", "uvloop"]
+    )
+    parser.add_argument("--graceful-timeout", type=float, default=30.0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s"
+    )
+    if args.worker:
+        _worker_entry(args.worker, args.backend, args.graceful_timeout)
+        return
+    if not args.app:
+        parser.error("an app (module:callable) is required")
+    socks = bind_listen_args(args.listen) + (listen_fds() if args.systemd else [])
+    Daemon(
+        args.app,
+        socks,
+        workers=args.workers,
+        backend=args.backend,
+        graceful_timeout=args.graceful_timeout,
+    ).run()
+
+
+def bind_listen_args(listen: Sequence[str]) -> list[socket.socket]:
+    """Bind ``-l`` arguments: ``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path``."""
+    socks: list[socket.socket] = []
+    for spec in listen:
+        if spec.startswith("unix:"):
+            socks += _bind(None, None, spec[5:], 1024)
+            continue
+        host, _, port = spec.rpartition(":")
+        socks += _bind(host.strip("[]") or None, int(port), None, 1024)
+    return socks
+
+
+if __name__ == "__main__":
+    main()

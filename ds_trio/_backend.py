@@ -52,9 +52,28 @@ class Backend:
     #: Scheduler passes after which every task woken by the same poll has
     #: run its step (see docs/design: "what a round is").
     settle_passes: int
+    #: Direction bits -> the wait for them (0: park until re-armed).
+    waits: dict[int, Callable[[Any], Awaitable[None]]]
 
 
 _CLOSED = (trio.ClosedResourceError, anyio.ClosedResourceError)
+
+
+def _park_with(
+    sleep_forever: Callable[[], Awaitable[None]],
+) -> Callable[[Any], Awaitable[None]]:
+    async def park(_sock: Any) -> None:  # no interest armed: wait for epwait
+        await sleep_forever()
+
+    return park
+
+
+def _waits(
+    wait_readable: Callable[[Any], Awaitable[None]],
+    wait_writable: Callable[[Any], Awaitable[None]],
+    sleep_forever: Callable[[], Awaitable[None]],
+) -> dict[int, Callable[[Any], Awaitable[None]]]:
+    return {0: _park_with(sleep_forever), 0x001: wait_readable, 0x004: wait_writable}
 
 
 def _trio_backend() -> Backend:
@@ -72,6 +91,9 @@ def _trio_backend() -> Backend:
         # checkpoint puts it in that batch too (in random order), the second
         # puts it after the whole batch.
         settle_passes=2,
+        waits=_waits(
+            trio.lowlevel.wait_readable, trio.lowlevel.wait_writable, trio.sleep_forever
+        ),
     )
 
 
@@ -91,10 +113,12 @@ async def _uvloop_wait_writable(obj: Any) -> None:
 def _asyncio_backend() -> Backend:
     loop_type = type(asyncio.get_running_loop())
     uvloop = loop_type.__module__.startswith("uvloop")
+    wait_readable = _uvloop_wait_readable if uvloop else anyio.wait_readable
+    wait_writable = _uvloop_wait_writable if uvloop else anyio.wait_writable
     return Backend(
         name="uvloop" if uvloop else "asyncio",
-        wait_readable=_uvloop_wait_readable if uvloop else anyio.wait_readable,
-        wait_writable=_uvloop_wait_writable if uvloop else anyio.wait_writable,
+        wait_readable=wait_readable,
+        wait_writable=wait_writable,
         notify_closing=anyio.notify_closing,
         checkpoint=anyio.lowlevel.checkpoint,
         current_time=anyio.current_time,
@@ -105,6 +129,7 @@ def _asyncio_backend() -> Backend:
         # runs in one iteration and only schedules the waiting task's step
         # for the next.
         settle_passes=3,
+        waits=_waits(wait_readable, wait_writable, anyio.sleep_forever),
     )
 
 

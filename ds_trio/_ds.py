@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from ._backend import CancelScopeLike
     from ._loop import Loop, _State
     from ._streams import DSStream
+    from ._timers import Timer
 
 __all__ = ["DS"]
 
@@ -123,7 +124,9 @@ class DS:
         "_ds_external",
         "_ds_no_sendfile",
         "_ds_running",
+        "_ds_shutdown_timer",
         "_ds_state",
+        "_ds_stepping",
         "_ds_tls_want",
         "_ev",
         "_fd",
@@ -185,6 +188,8 @@ class DS:
         self._ds_no_sendfile = False
         self._ds_tls_want = 0
         self._ds_external = False
+        self._ds_stepping = False
+        self._ds_shutdown_timer: Timer | None = None
         _state().register(self, fd)
 
     def __repr__(self) -> str:
@@ -318,7 +323,9 @@ class DS:
             True when everything went out now, the callable ran now, or the
             object is already closed (the seed's deliberate lie: a caller
             that wrote twice after the first write killed the object is not
-            hurt by it).  False when anything is queued - not an error.
+            hurt by it).  False when anything is queued - not an error - and
+            when this write found the connection broken (the object is then
+            closed: check ``self.sock``) or could not spill (dropped).
 
         Raises:
             TypeError: ``data`` is a ``str`` or not bytes-like nor callable.
@@ -412,13 +419,16 @@ class DS:
         between.  Must be awaited from the object's own ``async def
         event_step`` (the object's task is the one waiter on its fd).
 
+        It disarms the interest while it flushes; the step re-arms as usual
+        (``do_read`` hitting EAGAIN, ``epwait``) before it returns.
+
         Returns:
             True when the queue is empty, False if the object was closed.
 
         Raises:
             DSError: awaited from outside the object's own async step.
         """
-        if self._wait_dir != _NO_SCOPE:
+        if not self._ds_stepping:
             raise DSError(
                 f"{self!r}.drained() must be awaited from its own async event_step"
             )
@@ -536,6 +546,10 @@ class DS:
         # spill files are closed now, not whenever the GC gets to them.
         wbuf, self.wbuf = self.wbuf, None
         _wbuf.discard(wbuf)
+        timer = self._ds_shutdown_timer
+        if timer is not None:
+            self._ds_shutdown_timer = None
+            timer.cancel()
         state = self._ds_state
         if state.idle.groups:
             state.idle.forget(self)
@@ -566,12 +580,16 @@ class DS:
         if sock is None:
             return None
         if _tls.is_tls(sock):
-            # Bound a shutdown whose peer never reads: close regardless after
-            # TLS_SHUTDOWN_TIMEOUT (close is idempotent).
-            from ._loop import add_timer
+            result = self.shutdn_tls_step()
+            if self.sock is not None and self._ds_shutdown_timer is None:
+                # close_notify could not go out yet: bound the wait for a
+                # peer that never reads.
+                from ._loop import add_timer
 
-            add_timer(self.TLS_SHUTDOWN_TIMEOUT, self.close)
-            return self.shutdn_tls_step()
+                self._ds_shutdown_timer = add_timer(
+                    self.TLS_SHUTDOWN_TIMEOUT, self.close
+                )
+            return result
         return self.close()
 
     # ------------------------------------------------------------------
@@ -605,17 +623,9 @@ class DS:
         _current.set(state)
         backend = state._require_backend()
         cancel_scope = backend.cancel_scope
-        sleep_forever = backend.sleep_forever
-
-        async def park(_sock: Any) -> None:  # no interest armed
-            await sleep_forever()
-
-        waits: dict[int, Callable[[Any], Awaitable[None]]] = {
-            0: park,
-            _IN: backend.wait_readable,
-            _OUT: backend.wait_writable,
-            _BOTH: self._wait_either,
-        }
+        # Shared by every object of the loop: a parked task costs no more
+        # than its frame and its scope.
+        waits = backend.waits
         async_step = self._ds_async_step
         try:
             while True:
@@ -624,15 +634,19 @@ class DS:
                     return
                 if self._steps_due:
                     self._steps_due -= 1
-                    await self.event_step()
+                    await self._async_step()
                     if state.post_loop_callback is not None:
                         state.kick()
                     continue
                 ev = self._ev
                 direction = ev & _BOTH
-                wait = waits[direction]
-                if direction == _IN and _tls.is_tls(sock):
+                wait: Callable[[Any], Awaitable[None]]
+                if direction == _BOTH:
+                    wait = self._wait_either
+                elif direction == _IN and _tls.is_tls(sock):
                     wait = self._wait_readable_tls
+                else:
+                    wait = waits[direction]
                 oneshot = ev & _ONESHOT
                 disarmed = ev & ~_BOTH
                 step_now = False
@@ -662,7 +676,7 @@ class DS:
                 self._scope = None
                 self._wait_dir = _NO_SCOPE
                 if step_now:
-                    await self.event_step()
+                    await self._async_step()
                     if state.post_loop_callback is not None:
                         state.kick()
         except backend.closed_errors:
@@ -673,6 +687,14 @@ class DS:
             self._scope = None
             self._wait_dir = _NO_SCOPE
             self._ds_running = False
+
+    async def _async_step(self) -> None:
+        # drained() checks this: only the object's own step may await it.
+        self._ds_stepping = True
+        try:
+            await self.event_step()
+        finally:
+            self._ds_stepping = False
 
     async def _wait_readable_tls(self, sock: Any) -> None:
         # Decrypted bytes already in OpenSSL's buffer never make the fd

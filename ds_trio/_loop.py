@@ -323,7 +323,8 @@ class Loop(_State):
     closes everything still registered.  The loop is finished when the
     post-loop callback returns false, when :meth:`stop` is called, or - with
     no post-loop callback - when nothing is left that could ever run: no
-    registered object, no timer, no queued work, and the body has returned.
+    registered object, no timer, no queued work, no close pending, no child
+    awaited, and the body has returned.
     If the loop finishes while the body still runs, the body is cancelled;
     cancelling the scope around the block ends the loop.
     """
@@ -588,6 +589,11 @@ class Loop(_State):
             await fn(*args)
         except Exception as exc:
             self.failed(exc, fn)
+
+    def forget_children(self) -> None:
+        # Reset inside a running loop: the pidfd tasks still reap their
+        # children (no zombie), but no callback runs any more.
+        self.children = {}
 
     def requeue_call(self, fn: Callable[..., object], args: tuple[Any, ...]) -> None:
         """Run ``fn(*args)`` from the run queue in the next round."""

@@ -119,6 +119,9 @@ class Reaper:
 
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
+        # The pidfd-less fallback parks one worker thread per child: anyio's
+        # default limiter (40) would leave later children unnoticed.
+        self._threads = anyio.CapacityLimiter(1 << 16)
 
     def watch(self, pid: int, callback: Callable[[], object]) -> None:
         """Call ``callback()`` (with :func:`child_status` set) once ``pid`` exits.
@@ -174,6 +177,7 @@ class Reaper:
                 pid,
                 os.WEXITED | os.WNOWAIT,
                 abandon_on_cancel=True,
+                limiter=self._threads,
             )
             status = self._collect(pid)
             if status is not None:

@@ -52,18 +52,6 @@ _EPOLLOUT_ONESHOT: Final = 0x004 | _ONESHOT
 # How much one read+send round moves when sendfile cannot be used, as the
 # seed's send_tmpio.
 _CHUNK: Final = 65536
-# Errors that mean the spill directory, not the client, is in trouble: the
-# seed drops the client and asks for an operator's attention.
-_SPILL_ERRORS: Final = (
-    errno.ENOSPC,
-    errno.EFBIG,
-    errno.EIO,
-    errno.EMFILE,
-    errno.ENFILE,
-    errno.EROFS,
-    errno.EDQUOT,
-)
-
 _o_tmpfile_works = hasattr(os, "O_TMPFILE")
 
 
@@ -208,18 +196,28 @@ def write(obj: DS, data: Any) -> bool:
         data(obj)
         return True
     if queue:
-        view = _bytes_view(data)
+        queued = _bytes_view(data)
         last = queue[-1]
         if type(last) is Spill and last.appendable:
             try:
-                last.append(view)
+                last.append(queued)
             except OSError as exc:
                 obj.drop(f"print to tmpfile: {exc}")
                 return False
-            obj._ds_state.spilled_bytes += view.nbytes
+            obj._ds_state.spilled_bytes += queued.nbytes
         else:
-            _spill(obj, view, queue)
+            _spill(obj, queued, queue)
         return False
+    view: memoryview | None
+    if type(data) is not bytes or type(sock) is not socket.socket:
+        view = _bytes_view(data)
+        if type(sock) is not socket.socket and view.nbytes > _CHUNK:
+            # OpenSSL may have put part of a failed SSL_write on the wire,
+            # and insists the retry passes at least as many bytes; the retry
+            # comes from the spill file in _CHUNK pieces, so never try more.
+            data = view[:_CHUNK]
+    else:
+        view = None
     try:
         written = sock.send(data)
     except BlockingIOError:
@@ -232,8 +230,11 @@ def write(obj: DS, data: Any) -> bool:
         written = 0
     except OSError:
         return obj.close()
-    view = _bytes_view(data)
-    if written == view.nbytes:
+    if view is None:
+        if written == len(data):
+            return True
+        view = memoryview(data)
+    elif written == view.nbytes:
         return True
     if written:
         # The socket is probably still writable: continue next round

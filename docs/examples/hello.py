@@ -11,9 +11,12 @@ from ds_trio import DS, EPOLLIN, EPOLLONESHOT
 
 class Echo(DS):
     def event_step(self):
+        if not self.flush_write():  # output still queued: finish it first
+            return
         buf = bytearray()
         while self.do_read(buf, 65536):  # 0: EAGAIN (re-armed) or EOF (closed)
-            self.sock.send(buf)
+            if not self.write(buf):  # queued: EPOLLOUT armed, or requeued
+                return
 
 
 async def main():

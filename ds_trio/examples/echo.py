@@ -1,28 +1,35 @@
-"""A tiny line echo server: the smallest real DS program.
+"""A line echo server: the smallest real DS program.
 
-    python -m ds_trio.examples.echo [--host 127.0.0.1] [--port 7007] [--backend trio]
+    python -m ds_trio.examples.echo [--host HOST] [--port 7007] [--backend trio]
+    python -m ds_trio._daemon ds_trio.examples.echo:make_post_accept \
+        -l 127.0.0.1:7007 -W 2
 
 Each client is a DS object with ``EPOLLIN|EPOLLONESHOT`` interest.  Its
-``event_step`` first tries to finish pending output and reads more only once
-that output is gone - DS's backpressure rule ("only read more requests if
-we've drained the write buffer").  Until the write path lands, the pending
-output lives in a small buffer here; accepting is done by a level-triggered
-listener object.
+``event_step`` follows public-inbox's pattern: flush queued output first and
+read more only once it is gone ("otherwise we can be buffering infinitely
+w/o backpressure"), answer every complete line with ``write()``, keep a
+partial line in ``rbuf``, and mark activity for idle expiry.  SIGTERM,
+SIGQUIT or SIGINT start a graceful shutdown: the listener closes, idle
+clients are closed, busy ones (a partial line, unsent output) finish.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import socket
 from collections.abc import Callable
 
 import anyio
 
 import ds_trio
-from ds_trio import DS, EPOLLIN, EPOLLONESHOT, EPOLLOUT
+from ds_trio import DS, EPOLLIN, EPOLLONESHOT
 
 log = logging.getLogger("ds_trio.examples.echo")
+
+#: The longest line a client may send before it is dropped.
+MAX_LINE = 65536
 
 
 class EchoClient(DS):
@@ -30,48 +37,30 @@ class EchoClient(DS):
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock, EPOLLIN | EPOLLONESHOT)
-        self.pending = b""
+        self.update_idle_time()
 
     def event_step(self) -> None:
-        if not self._flush():
+        if not self.flush_write() or self.sock is None:
             return
+        self.update_idle_time()
         rbuf = self.rbuf if self.rbuf is not None else bytearray()
-        while self.sock is not None and self.do_read(rbuf, 65536, len(rbuf)):
+        while self.do_read(rbuf, 65536, len(rbuf)):
             end = rbuf.rfind(b"\n") + 1
             if end:
-                self.pending = bytes(rbuf[:end])
+                self.write(bytes(rbuf[:end]))
                 del rbuf[:end]
-                if not self._flush():
-                    self.rbuf_idle(rbuf)
-                    return
+            if len(rbuf) > MAX_LINE:
+                self.drop(f"line longer than {MAX_LINE} bytes")
+                return
+            if self.wbuf:
+                # Output is queued and its wake-up arranged: read more only
+                # once it has drained.
+                self.rbuf_idle(rbuf)
+                return
 
-    def _flush(self) -> bool:
-        """Send pending output; True when it is all gone and the socket open."""
-        while self.pending and self.sock is not None:
-            try:
-                sent = self.sock.send(self.pending)
-            except BlockingIOError:
-                self.epwait(EPOLLOUT | EPOLLONESHOT)
-                return False
-            except OSError:
-                self.close()
-                return False
-            self.pending = self.pending[sent:]
-        return self.sock is not None
-
-
-class Listener(DS):
-    """Accepts one connection per wake-up (level-triggered, as upstream)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock, EPOLLIN)
-
-    def event_step(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        EchoClient(conn)
+    def busy(self) -> bool:
+        """Mid-line or with unsent output: graceful shutdown waits for it."""
+        return bool(self.rbuf or self.wbuf)
 
 
 def make_post_accept() -> Callable[[socket.socket, object, socket.socket], object]:
@@ -84,11 +73,24 @@ def make_post_accept() -> Callable[[socket.socket, object, socket.socket], objec
 
 
 async def serve(host: str, port: int) -> None:
-    """Listen on ``host:port`` and echo lines until cancelled."""
+    """Listen on ``host:port`` and echo lines until a shutdown signal."""
+
+    def shut_down(signum: int) -> None:
+        log.warning("signal %d: shutting down gracefully", signum)
+        ds_trio.graceful_shutdown(timeout=10)
+
+    signals = dict.fromkeys((signal.SIGTERM, signal.SIGQUIT, signal.SIGINT), shut_down)
+    async with ds_trio.loop(errors="log", signals=signals):
+        [address] = _start(host, port)
+        log.warning("echo server listening on %s:%d", *address[:2])
+
+
+def _start(host: str, port: int) -> list[tuple[str, int]]:
     listener = socket.create_server((host, port), backlog=1024)
-    async with ds_trio.loop(errors="log"):
-        Listener(listener)
-        log.warning("echo server listening on %s:%d", *listener.getsockname()[:2])
+    listener.setblocking(False)
+    post_accept = make_post_accept()
+    ds_trio.Listener(listener, post_accept)
+    return [listener.getsockname()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -103,10 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     backend = "asyncio" if args.backend == "uvloop" else args.backend
     options = {"use_uvloop": True} if args.backend == "uvloop" else {}
-    try:
-        anyio.run(serve, args.host, args.port, backend=backend, backend_options=options)
-    except KeyboardInterrupt:
-        pass
+    anyio.run(serve, args.host, args.port, backend=backend, backend_options=options)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,7 @@ class DS:
     __slots__ = (
         "__weakref__",
         "_ds_external",
+        "_ds_is_socket",
         "_ds_no_sendfile",
         "_ds_running",
         "_ds_shutdown_timer",
@@ -188,6 +189,7 @@ class DS:
         self._ds_no_sendfile = False
         self._ds_tls_want = 0
         self._ds_external = False
+        self._ds_is_socket = isinstance(sock, socket.socket)
         self._ds_stepping = False
         self._ds_shutdown_timer: Timer | None = None
         _state().register(self, fd)
@@ -261,15 +263,10 @@ class DS:
         sock = self.sock
         if sock is None:
             return 0
-        recv = getattr(sock, "recv", None)
         try:
-            data = recv(length) if recv is not None else os.read(sock.fileno(), length)
-        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
-            # TLS may need the other direction to go on reading (epbit).
-            self._ds_tls_want = _tls.want(exc)
-            self.epwait(self._ds_tls_want | _ONESHOT)
-            self.rbuf = rbuf if rbuf else None
-            return 0
+            data = (
+                sock.recv(length) if self._ds_is_socket else os.read(self._fd, length)
+            )
         except BlockingIOError:
             # The seed calls epwait() and rbuf_idle() as plain functions
             # here (no subclass override applies); inlined because this is
@@ -278,6 +275,12 @@ class DS:
             self._ev = _IN_ONESHOT
             if self._wait_dir != _IN:
                 self._interrupt()
+            self.rbuf = rbuf if rbuf else None
+            return 0
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+            # TLS may need the other direction to go on reading (epbit).
+            self._ds_tls_want = _tls.want(exc)
+            self.epwait(self._ds_tls_want | _ONESHOT)
             self.rbuf = rbuf if rbuf else None
             return 0
         except OSError:

@@ -46,7 +46,16 @@ __all__ = ["Daemon", "load_app", "main"]
 log = logging.getLogger("ds_trio.daemon")
 
 _QUIT_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
+# Daemon.pm's USR1 (reopen logs), USR2 (re-exec) and WINCH are not
+# implemented; caught so that they do not kill the process.
+_IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 _ENV_FDS = "DS_TRIO_LISTEN_FDS"
+
+
+def _ignore(signum: int) -> None:
+    log.info("signal %d ignored", signum)
+
+
 _ENV_PARENT = "DS_TRIO_PARENT_FD"
 
 
@@ -94,9 +103,13 @@ async def _serve_worker(
     def quit(_signum: int = 0) -> None:
         graceful_shutdown(loop, timeout=graceful_timeout)
 
-    async with open_loop(
-        errors="log", signals=dict.fromkeys(_QUIT_SIGNALS, quit)
-    ) as loop:
+    handlers: dict[signal.Signals, Callable[[int], object]] = dict.fromkeys(
+        _QUIT_SIGNALS, quit
+    )
+    # The master handles these; in a worker their default action would kill it.
+    for ignored in (signal.SIGHUP, *_IGNORED_SIGNALS):
+        handlers[ignored] = _ignore
+    async with open_loop(errors="log", signals=handlers) as loop:
         for sock in socks:
             Listener(sock, post_accept)
         if parent_fd is not None:
@@ -131,6 +144,7 @@ class Daemon:
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.quitting = 0
         self._parent_pipes: dict[int, int] = {}
+        self._retiring: set[int] = set()
         self._loop: Loop | None = None
 
     # -- the master ---------------------------------------------------------
@@ -151,6 +165,9 @@ class Daemon:
         )
         handlers[signal.SIGTTIN] = self._on_ttin
         handlers[signal.SIGTTOU] = self._on_ttou
+        handlers[signal.SIGHUP] = self._on_hup
+        for ignored in _IGNORED_SIGNALS:
+            handlers[ignored] = _ignore
         async with open_loop(errors="log", signals=handlers) as loop:
             self._loop = loop
             for _ in range(self.workers):
@@ -195,8 +212,12 @@ class Daemon:
             if not self.children and self._loop is not None:
                 self._loop.stop()
             return
-        log.warning("worker %d exited; respawning", pid)
-        while len(self.children) < self.workers:
+        if pid in self._retiring:
+            self._retiring.discard(pid)
+            log.info("worker %d retired", pid)
+        else:
+            log.warning("worker %d exited; respawning", pid)
+        while len(self.children) - len(self._retiring) < self.workers:
             self._spawn()
 
     def _on_quit(self, signum: int) -> None:
@@ -218,12 +239,28 @@ class Daemon:
         self._spawn()
 
     def _on_ttou(self, _signum: int) -> None:
+        # Down to one worker; serving in the master alone is -W 0's job.
         if self.quitting or self.workers <= 1:
             return
         self.workers -= 1
-        newest = max(self.children, default=None)
-        if newest is not None:
-            os.kill(newest, signal.SIGQUIT)
+        serving = [pid for pid in self.children if pid not in self._retiring]
+        if serving:
+            self._retire(serving[-1])  # the newest (children keep spawn order)
+
+    def _on_hup(self, _signum: int) -> None:
+        # Replace every worker with a fresh interpreter (new code, new
+        # configuration); the old ones finish their clients gracefully.
+        if self.quitting:
+            return
+        old = [pid for pid in self.children if pid not in self._retiring]
+        for _ in range(self.workers):
+            self._spawn()
+        for pid in old:
+            self._retire(pid)
+
+    def _retire(self, pid: int) -> None:
+        self._retiring.add(pid)
+        os.kill(pid, signal.SIGQUIT)
 
 
 def _backend_args(name: str) -> tuple[str, dict[str, Any]]:

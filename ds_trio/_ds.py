@@ -255,7 +255,8 @@ class DS:
         Returns:
             The number of bytes read; 0 when nothing was read: on EOF (the
             object is closed), on EAGAIN (read interest re-armed with
-            ``EPOLLIN|EPOLLONESHOT`` and a non-empty ``rbuf`` kept through
+            ``EPOLLIN|EPOLLONESHOT`` - over TLS, whichever direction OpenSSL
+            asked for - and a non-empty ``rbuf`` kept through
             :meth:`rbuf_idle`), or on any other error (closed, not logged:
             clients break connections all the time).  Check ``self.sock`` to
             tell them apart.
@@ -460,7 +461,7 @@ class DS:
         direction = self._ev & _BOTH
         if direction & _OUT:
             await backend.wait_writable(sock)
-        elif direction & _IN:
+        elif direction & _IN and not (_tls.is_tls(sock) and sock.pending()):
             await backend.wait_readable(sock)
         else:
             await backend.checkpoint()
@@ -519,8 +520,9 @@ class DS:
     def not_idle_long(self, now: float) -> bool:
         """True if the object was active less than ``EXPTIME`` before ``now``.
 
-        False when closed or never tracked.  Graceful shutdown treats a
-        recently active client as busy and gives it time to finish.
+        False when closed or never tracked.  Protocols use it in ``busy()``
+        so that graceful shutdown gives a recently active client time to
+        finish (NNTP and IMAP do).
         """
         if self.sock is None:
             return False
@@ -715,6 +717,9 @@ class DS:
         this rare interest costs a small task group per wait.
         """
         backend = cast("Loop", self._ds_state)._require_backend()
+        if _tls.is_tls(sock) and sock.pending():
+            await backend.checkpoint()  # decrypted bytes wait: readable now
+            return
         async with anyio.create_task_group() as tg:
 
             async def wait(fn: Any) -> None:

@@ -139,9 +139,14 @@ class DSStream(anyio.abc.ByteStream):
 
     async def aclose(self) -> None:
         obj = self._obj
-        if obj.sock is not None:
-            obj.shutdn()
-            obj.close()
+        if obj.sock is not None and obj.shutdn() is False and obj.sock is not None:
+            # TLS: close_notify is queued; let it go out, within the bound.
+            with anyio.move_on_after(obj.TLS_SHUTDOWN_TIMEOUT):
+                try:
+                    await self._flush()
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
+        obj.close()
         await anyio.lowlevel.checkpoint()
 
     @property

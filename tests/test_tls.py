@@ -47,15 +47,6 @@ HOST = "127.0.0.1"
 IN_ONESHOT = int(EPOLLIN | EPOLLONESHOT)
 OUT_ONESHOT = int(EPOLLOUT | EPOLLONESHOT)
 
-# A TLS write() that blocks after OpenSSL already committed more than a
-# 64 KiB chunk's worth of records: see the xfail'd tests.
-BUG_TLS_WRITE_RETRY = (
-    "BUG: write() of more than ~64 KiB over TLS that blocks midway spills "
-    "the whole buffer as if nothing was sent, then flush_write retries "
-    "SSL_write with a shorter 64 KiB chunk: OpenSSL fails it with "
-    "SSL_R_BAD_LENGTH and the connection is closed mid-response"
-)
-
 MOCK_TRIO = [
     pytest.param(
         ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)}),
@@ -153,7 +144,9 @@ class LineServer(DS):
     """A line protocol: STARTTLS, QUIT, SEND; other lines echo back.
 
     ``SEND <n> [<piece>]`` answers ``payload(n)`` in one write, or in
-    writes of ``piece`` bytes, then ``END``.
+    writes of ``piece`` bytes, then ``END``.  ``BURST <seed>`` writes
+    random blocks of up to 64 KiB until one is queued (the socket is full),
+    recording them in ``sent``.
 
     Plaintext pipelined after ``STARTTLS`` is discarded (recorded in
     ``discarded``), as RFC 3207 §4.2 asks of the protocol.
@@ -172,6 +165,7 @@ class LineServer(DS):
         self.read_len = read_len
         self.lines: list[bytes] = []
         self.discarded = bytearray()
+        self.sent = bytearray()
         self.shutdn_results: list[bool | None] = []
         if implicit_tls:
             self.starttls(ctx)
@@ -214,6 +208,13 @@ class LineServer(DS):
             n, *piece = map(int, line[5:].split())
             write_pieces(self, payload(n), piece[0] if piece else None)
             return self.write(b"END\n")
+        if line.startswith(b"BURST "):
+            rng = random.Random(int(line[6:]))
+            while True:
+                block = rng.randbytes(rng.randint(1, 65536))
+                self.sent += block
+                if not self.write(block):
+                    return False
         return self.write(line)
 
 
@@ -478,10 +479,10 @@ async def plain_eof(stream: anyio.abc.ByteReceiveStream) -> bytes:
 @pytest.mark.parametrize(
     "write_piece",
     [
-        pytest.param(
-            None,
-            id="one-write-per-step",
-        ),
+        # One write of up to megabytes per step: OpenSSL commits records
+        # until the socket is full, and the failed SSL_write must be
+        # retried with at least as many bytes (regression: BAD_LENGTH).
+        pytest.param(None, id="one-write-per-step"),
         pytest.param(16384, id="16k-writes"),
     ],
 )
@@ -568,6 +569,7 @@ async def test_200_handshakes_complete_while_stalled_clients_hold_theirs(
         # The half ClientHello is in OpenSSL's hands, the handshake waits.
         await wait_for(settled_mid_handshake(slow))
         assert mid_handshake(silent)
+        assert slow.handshake_done is False  # starttls() could not finish
         assert slow.epbit(OUT_ONESHOT) == IN_ONESHOT  # TLS wants to read
 
         echoed: dict[int, bool] = {}
@@ -788,7 +790,7 @@ async def test_client_vanishing_mid_handshake_closes_only_that_client(
         await client.stream.send(hello[: len(hello) // 2])
         await wait_for(lambda: len(srv.acceptor.accepted) == 2)
         half = srv.obj(1)
-        await wait_for(lambda: unread(half.sock) == 0 and mid_handshake(half))
+        await wait_for(settled_mid_handshake(half))
         if how == "rst":
             client.raw.setsockopt(
                 socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0"
@@ -887,7 +889,9 @@ async def test_tls_shutdown_to_a_peer_that_never_reads_ends_after_the_timeout(
         obj = srv.obj(0)
         await wait_for(lambda: spill_entry_count(obj.wbuf) > 0)
         await anyio.wait_all_tasks_blocked()
-        assert obj._ev & EPOLLOUT  # stuck: the peer's buffers are full
+        # Stuck: the peer's buffers are full and TLS waits to write.
+        assert spill_entry_count(obj.wbuf) > 0
+        assert obj.epbit(IN_ONESHOT) == OUT_ONESHOT
         # close_notify cannot be sent: the step waits at the head of wbuf.
         assert obj.shutdn() is False
         assert obj.sock is not None
@@ -1021,6 +1025,35 @@ async def test_one_large_write_that_blocks_midway_over_tls_arrives_byte_exact(
             data = await client.recv_exactly(size + 4)
         assert len(data) == size + 4
         assert data == payload(size) + b"END\n"
+        assert obj.sock is not None
+
+
+def sent_beyond(obj: LineServer, start: int) -> Callable[[], bool]:
+    return lambda: len(obj.sent) > start
+
+
+async def test_large_writes_into_a_nearly_full_tls_socket_arrive_byte_exact(
+    certs: Certs,
+) -> None:
+    # Each burst fills the socket with writes of random sizes; the last
+    # one finds it nearly full, so SSL_write puts some records on the wire
+    # and then fails: the retry from the spill file must resume it exactly.
+    def factory(conn: socket.socket) -> DS:
+        return LineServer(conn, certs.server, implicit_tls=True)
+
+    async with (
+        serving(factory, sndbuf=131072) as srv,
+        await BioClient.connect(srv.port, certs.client) as client,
+    ):
+        with anyio.fail_after(20):
+            await client.handshake()
+            obj = srv.obj(0)
+            for seed in range(10):
+                start = len(obj.sent)
+                await client.send(b"BURST %d\n" % seed)
+                await wait_for(sent_beyond(obj, start))
+                expected = bytes(obj.sent[start:])
+                assert await client.recv_exactly(len(expected)) == expected
         assert obj.sock is not None
 
 

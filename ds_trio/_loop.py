@@ -91,6 +91,10 @@ _current: contextvars.ContextVar[Loop | None] = contextvars.ContextVar(
 class _Thread(threading.local):
     pending: _State | None = None
 
+    def __init__(self) -> None:
+        #: Loops running in this thread, innermost last.
+        self.running: list[Loop] = []
+
 
 _thread = _Thread()
 
@@ -282,7 +286,15 @@ def _pending() -> _State:
 
 def _state() -> _State:
     current = _current.get()
-    return current if current is not None else _pending()
+    if current is not None:
+        return current
+    # Outside any loop's context - a task of the application's own task
+    # group, an anyio server's handler - while exactly one loop runs in this
+    # thread: join it, rather than a pending state no loop would adopt.
+    running = _thread.running
+    if len(running) == 1:
+        return running[0]
+    return _pending()
 
 
 def current_loop() -> Loop:
@@ -407,6 +419,7 @@ class Loop(_State):
         await tg.__aenter__()
         self._tg = tg
         self._token = _current.set(self)
+        _thread.running.append(self)
         try:
             # Handlers go in before anything can checkpoint, so a signal
             # arriving while the loop starts is queued, not lost.
@@ -415,6 +428,7 @@ class Loop(_State):
             tg.start_soon(self._driver, name=f"ds_trio driver {id(self):#x}")
         except BaseException:
             _current.reset(self._token)
+            _thread.running.remove(self)
             self._remove_signal_handlers()
             tg.cancel_scope.cancel()
             await tg.__aexit__(None, None, None)
@@ -494,6 +508,8 @@ class Loop(_State):
         else:
             raised = None if suppressed else exc
         finally:
+            if self in _thread.running:
+                _thread.running.remove(self)
             self._teardown(clean=raised is None and not self._failures)
             if self._token is not None:
                 _current.reset(self._token)

@@ -641,3 +641,35 @@ async def test_cancellation_while_waiting_for_the_loop_propagates() -> None:
         assert a.fileno() == -1
     finally:
         b.close()
+
+
+async def test_objects_created_outside_the_loop_context_join_the_running_loop() -> None:
+    """An application task that is not inside ``async with`` still reaches it."""
+    a, b = socketpair()
+    joined: list[object] = []
+    try:
+        async with anyio.create_task_group() as app:
+            started = anyio.Event()
+
+            async def run_loop() -> None:
+                async with ds_trio.loop() as lp:
+                    joined.append(lp)
+                    started.set()
+                    await anyio.sleep_forever()
+
+            app.start_soon(run_loop)
+            await started.wait()
+            # This task is the application's, outside the loop's context.
+            assert not ds_trio.in_loop()
+            obj = Echo(a)
+            timer = ds_trio.add_timer(3600, print)
+            assert obj._ds_state is joined[0]
+            b.send(b"ping")
+            with anyio.fail_after(10):
+                await anyio.wait_readable(b)
+            assert b.recv(10) == b"ping"
+            timer.cancel()
+            app.cancel_scope.cancel()
+        assert obj.sock is None
+    finally:
+        b.close()

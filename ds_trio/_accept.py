@@ -223,38 +223,31 @@ def _bind(
     host: str | None, port: int | None, path: str | None, backlog: int
 ) -> list[socket.socket]:
     socks: list[socket.socket] = []
-    if port is not None:
-        for family, type_, proto, _, addr in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
-            sock = socket.socket(family, type_, proto)
-            try:
+    try:
+        if port is not None:
+            for family, type_, proto, _, addr in socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            ):
+                sock = socket.socket(family, type_, proto)
+                socks.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)
                 sock.listen(backlog)
-            except OSError:
-                sock.close()
-                for other in socks:
-                    other.close()
-                raise
+                if port == 0:
+                    # Port 0: one socket, or each family would get its own port.
+                    break
+        if path is not None:
+            _remove_stale_unix_socket(path)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             socks.append(sock)
-            if port == 0:
-                # Port 0: one socket, or each family would get its own port.
-                break
-    if path is not None:
-        _remove_stale_unix_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
             sock.bind(path)
             sock.listen(backlog)
-        except OSError:
+    except OSError:
+        for sock in socks:
             sock.close()
-            for other in socks:
-                other.close()
-            raise
-        socks.append(sock)
+        raise
     for sock in socks:
         sock.setblocking(False)
     return socks

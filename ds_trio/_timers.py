@@ -3,10 +3,10 @@
 The seed keeps ``@Timers`` sorted by a linear scan on insert (its comment says
 that beat heaps in Danga's benchmarks; that holds only for FIFO inserts, and
 with random deadlines it is thousands of times slower at 100k timers).  Here
-a binary heap of ``(deadline, seq, timer)`` tuples keeps inserts and pops
-logarithmic.  ``seq`` comes from one process-wide counter, so equal deadlines
-fire in insertion order (the seed's stable sort) and tuples never compare two
-``Timer`` objects.
+a binary heap of timers keeps inserts and pops logarithmic.  Each timer is a
+list whose first two items are its deadline and a number from one
+process-wide counter, so equal deadlines fire in insertion order (the seed's
+stable sort) and comparisons never reach the callback.
 
 Cancellation is lazy, as in the seed (which cleared the coderef slot) and in
 trio's and asyncio's own timer heaps: a cancelled timer stays in the heap
@@ -36,6 +36,10 @@ _seq = itertools.count()
 
 def check_delay(seconds: object) -> float:
     """Validate a timer delay: a finite real number of seconds."""
+    if type(seconds) is float:  # the common case, without the ABC check
+        if seconds - seconds == 0:  # not inf, not NaN
+            return seconds
+        raise ValueError(f"seconds must be finite, got {seconds!r}")
     if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real):
         raise TypeError(f"seconds must be a real number, not {type(seconds).__name__}")
     value = float(seconds)
@@ -44,38 +48,33 @@ def check_delay(seconds: object) -> float:
     return value
 
 
-class Timer:
+class Timer(list[Any]):
     """A pending timer, as returned by :func:`ds_trio.add_timer`.
 
     The seed returned the raw ``[fire_time, coderef]`` array and callers
-    cancelled by clearing the coderef; here :meth:`cancel` does that.
+    cancelled by clearing the coderef; here :meth:`cancel` does that.  The
+    timer *is* its heap entry - a list ``[deadline, seq, callback, args,
+    queue, name]`` - so the heap compares it in C (deadline, then the unique
+    sequence number) and an insert allocates one object, not two: a
+    million pending timers cost a million small lists.
     """
 
-    __slots__ = ("_args", "_callback", "_deadline", "_queue", "name")
-
-    def __init__(
-        self,
-        deadline: float,
-        callback: Callable[..., object],
-        args: tuple[Any, ...],
-        queue: TimerQueue,
-        name: object = None,
-    ) -> None:
-        self._deadline = deadline
-        self._callback: Callable[..., object] | None = callback
-        self._args = args
-        self._queue: TimerQueue | None = queue
-        self.name = name
+    __slots__ = ()
 
     @property
     def deadline(self) -> float:
         """When the timer fires, on the clock of the loop that holds it."""
-        return self._deadline
+        return float(self[0])
 
     @property
     def active(self) -> bool:
         """True until the timer fired or was cancelled."""
-        return self._callback is not None
+        return self[2] is not None
+
+    @property
+    def name(self) -> object:
+        """The name given to ``add_uniq_timer``, or None."""
+        return self[5]
 
     def cancel(self) -> bool:
         """Cancel the timer.
@@ -84,19 +83,25 @@ class Timer:
             True if it was pending, False if it had already fired or been
             cancelled.  Never raises, so it is safe in cleanup code.
         """
-        if self._callback is None:
+        if self[2] is None:
             return False
-        self._callback = None
-        self._args = ()
-        queue = self._queue
-        self._queue = None
+        self[2] = None
+        self[3] = ()
+        queue = self[4]
+        self[4] = None
         if queue is not None:
-            queue._note_cancelled(self)
+            queue._note_cancelled()
         return True
 
     def __repr__(self) -> str:
         state = "active" if self.active else "done"
-        return f"<Timer {state} deadline={self._deadline:.6f} name={self.name!r}>"
+        return f"<Timer {state} deadline={self[0]:.6f} name={self[5]!r}>"
+
+    # Identity semantics: two timers are never "equal" because they hold
+    # equal values, and a timer can be a dict key or in a set.
+    __eq__ = object.__eq__
+    __ne__ = object.__ne__
+    __hash__ = object.__hash__  # type: ignore[assignment]
 
 
 class TimerQueue:
@@ -111,7 +116,7 @@ class TimerQueue:
     __slots__ = ("_cancelled", "_heap", "clock", "on_empty", "on_new_head")
 
     def __init__(self, clock: Callable[[], float]) -> None:
-        self._heap: list[tuple[float, int, Timer]] = []
+        self._heap: list[Timer] = []
         self._cancelled = 0
         self.clock = clock
         self.on_new_head: Callable[[float], object] | None = None
@@ -130,10 +135,10 @@ class TimerQueue:
     ) -> Timer:
         """Insert a timer firing ``seconds`` from now (arguments pre-validated)."""
         deadline = self.clock() + seconds
-        timer = Timer(deadline, callback, args, self, name)
+        timer = Timer((deadline, next(_seq), callback, args, self, name))
         heap = self._heap
-        heapq.heappush(heap, (deadline, next(_seq), timer))
-        if heap[0][2] is timer and self.on_new_head is not None:
+        heapq.heappush(heap, timer)
+        if heap[0] is timer and self.on_new_head is not None:
             self.on_new_head(deadline)
         return timer
 
@@ -141,9 +146,9 @@ class TimerQueue:
         """The earliest live deadline, or ``math.inf``."""
         heap = self._heap
         while heap:
-            entry = heap[0]
-            if entry[2]._callback is not None:
-                return entry[0]
+            head = heap[0]
+            if head[2] is not None:
+                return float(head[0])
             heapq.heappop(heap)
             self._cancelled -= 1
         return math.inf
@@ -161,11 +166,11 @@ class TimerQueue:
         heap = self._heap
         due = []
         while heap and heap[0][0] <= now:
-            timer = heapq.heappop(heap)[2]
-            if timer._callback is None:
+            timer = heapq.heappop(heap)
+            if timer[2] is None:
                 self._cancelled -= 1
                 continue
-            timer._queue = None
+            timer[4] = None
             due.append(timer)
         return due
 
@@ -176,19 +181,19 @@ class TimerQueue:
         Returns:
             True if its callback ran.
         """
-        callback, args = timer._callback, timer._args
+        callback, args = timer[2], timer[3]
         if callback is None:
             return False
-        timer._callback = None
-        timer._args = ()
+        timer[2] = None
+        timer[3] = ()
         callback(*args)
         return True
 
-    def _note_cancelled(self, timer: Timer) -> None:
+    def _note_cancelled(self) -> None:
         self._cancelled += 1
         heap = self._heap
         if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(heap):
-            self._heap = [entry for entry in heap if entry[2]._callback is not None]
+            self._heap = [timer for timer in heap if timer[2] is not None]
             heapq.heapify(self._heap)
             self._cancelled = 0
         if self.on_empty is not None and len(self) == 0:
@@ -200,21 +205,17 @@ class TimerQueue:
         Each keeps its remaining time: the seed's clock never stops, so a
         timer added before the loop started fires relative to when it was
         added, not to when the loop began.  Relative order, ties included,
-        is kept because ``seq`` travels with the entry.
+        is kept because the sequence number travels with the timer.
         """
         delta = self.clock() - other.clock()
-        moved = []
-        for deadline, seq, timer in other._heap:
-            if timer._callback is None:
-                continue
-            timer._deadline = deadline + delta
-            timer._queue = self
-            moved.append((timer._deadline, seq, timer))
+        moved = [timer for timer in other._heap if timer[2] is not None]
         other._heap = []
         other._cancelled = 0
         heap = self._heap
-        for entry in moved:
-            heapq.heappush(heap, entry)
+        for timer in moved:
+            timer[0] += delta
+            timer[4] = self
+            heapq.heappush(heap, timer)
         if moved and self.on_new_head is not None:
             self.on_new_head(heap[0][0])
 
@@ -222,7 +223,7 @@ class TimerQueue:
         """Cancel every timer (loop teardown, ``Reset``)."""
         heap, self._heap = self._heap, []
         self._cancelled = 0
-        for _, _, timer in heap:
-            timer._queue = None
-            timer._callback = None
-            timer._args = ()
+        for timer in heap:
+            timer[4] = None
+            timer[2] = None
+            timer[3] = ()

@@ -189,8 +189,9 @@ def graceful_shutdown(loop: Loop | None = None, *, timeout: float = 30.0) -> Non
         return busy > 0
 
     loop.post_loop_callback = busy_left
-    # Wake for the deadline even if no client makes a sound.
-    add_timer(timeout, loop.kick)
+    # Wake for the deadline even if no client makes a sound (on this loop's
+    # own heap: the caller may run outside its context).
+    loop.timers.add(timeout, loop.kick, ())
     loop.kick()
 
 
@@ -212,10 +213,11 @@ def listen_fds(*, unset_environment: bool = True) -> list[socket.socket]:
 def _inherit(fd: int) -> socket.socket:
     if not stat.S_ISSOCK(os.fstat(fd).st_mode):
         raise ValueError(f"inherited fd {fd} is not a socket")
-    sock = socket.socket(fileno=fd)
-    if sock.getblocking():
+    # Ask the fd, not a socket object made from it (which reports blocking).
+    if os.get_blocking(fd):
         log.warning("inherited listener fd %d was blocking; made non-blocking", fd)
-        sock.setblocking(False)
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
     return sock
 
 

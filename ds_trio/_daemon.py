@@ -309,7 +309,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     if not args.app:
         parser.error("an app (module:callable) is required")
-    socks = bind_listen_args(args.listen) + (listen_fds() if args.systemd else [])
+    try:
+        socks = bind_listen_args(args.listen) + (listen_fds() if args.systemd else [])
+    except OSError as exc:
+        log.error("no listeners bound: %s", exc)  # noqa: TRY400 - no traceback
+        sys.exit(exc.errno or 1)
+    if not socks:
+        parser.error("no listeners: give -l HOST:PORT, -l unix:PATH or --systemd")
     Daemon(
         args.app,
         socks,

@@ -14,15 +14,18 @@ the stream's caller.
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any
 
 import anyio
 import anyio.abc
+import trio
 from anyio.abc import SocketAttribute
 
 from ._ds import _NO_SCOPE, DS
 from ._flags import EPOLLIN
 from ._loop import Loop
+from ._tls import is_tls, want
 
 __all__ = ["DSStream"]
 
@@ -82,10 +85,13 @@ class DSStream(anyio.abc.ByteStream):
         try:
             if direction & _OUT:
                 await backend.wait_writable(sock)
-            else:
+            elif not (is_tls(sock) and sock.pending()):
                 await backend.wait_readable(sock)
         except backend.closed_errors:
             raise anyio.ClosedResourceError from None
+        except (trio.BusyResourceError, anyio.BusyResourceError):
+            # One exception family at the boundary: anyio's, on every backend.
+            raise anyio.BusyResourceError("waiting on this stream") from None
 
     async def receive(self, max_bytes: int = 65536) -> bytes:
         obj = self._obj
@@ -100,15 +106,25 @@ class DSStream(anyio.abc.ByteStream):
             if pending:  # bytes the DS code read before handing over
                 obj.rbuf = pending[max_bytes:] or None
                 return bytes(pending[:max_bytes])
-            buf = bytearray()
-            n = obj.do_read(buf, max_bytes)
-            obj.rbuf = None  # do_read keeps nothing here: buf was empty
-            if n:
-                return bytes(buf)
-            if obj.sock is None:
+            sock = obj.sock
+            try:
+                data = sock.recv(max_bytes)
+            except BlockingIOError:
+                await self._wait(EPOLLIN)
+                continue
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                await self._wait(want(exc))
+                continue
+            except OSError:
+                # A reset is a broken stream, not an end of it (do_read
+                # cannot tell the two apart for us: it closes on both).
+                obj.close()
+                raise anyio.BrokenResourceError from None
+            if not data:
                 self._eof = True
+                obj.close()
                 raise anyio.EndOfStream
-            await self._wait(EPOLLIN)
+            return bytes(data)
 
     async def send(self, item: bytes) -> None:
         obj = self._obj

@@ -28,6 +28,7 @@ import sniffio
 __all__ = [
     "LeakReport",
     "assert_no_leaks",
+    "child_processes",
     "count_tasks",
     "drain_socket",
     "fill_socket",
@@ -49,10 +50,14 @@ def open_fds() -> dict[int, str]:
     return fds
 
 
-def zombie_children() -> set[int]:
-    """Pids of this process's children that exited and were never reaped."""
-    me = os.getpid()
-    zombies = set()
+def child_processes(parent: int | None = None) -> dict[int, str]:
+    """Children of ``parent`` (default: this process): pid -> state letter.
+
+    The state is the kernel's (``/proc/PID/stat``): ``"Z"`` for a zombie,
+    ``"R"``, ``"S"``, ... for a live process.
+    """
+    parent = os.getpid() if parent is None else parent
+    children = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -62,9 +67,14 @@ def zombie_children() -> set[int]:
         except OSError:
             continue
         # After the command: state, ppid, ...
-        if fields[0] == "Z" and int(fields[1]) == me:
-            zombies.add(int(name))
-    return zombies
+        if int(fields[1]) == parent:
+            children[int(name)] = fields[0]
+    return children
+
+
+def zombie_children() -> set[int]:
+    """Pids of this process's children that exited and were never reaped."""
+    return {pid for pid, state in child_processes().items() if state == "Z"}
 
 
 def count_tasks() -> int:

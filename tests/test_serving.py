@@ -39,6 +39,7 @@ import trio.testing
 from anyio.abc import SocketAttribute
 
 import ds_trio
+import ds_trio.testing
 from ds_trio import DS, EPOLLIN, EPOLLONESHOT
 
 from .helpers import Recorder, wait_for
@@ -1360,18 +1361,11 @@ def free_port() -> int:
 
 def live_children(pid: int) -> set[int]:
     """Pids of ``pid``'s children that have not exited (zombies excluded)."""
-    children = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            children.add(int(name))
-    return children
+    return {
+        child
+        for child, state in ds_trio.testing.child_processes(pid).items()
+        if state != "Z"
+    }
 
 
 def alive(pid: int) -> bool:

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine: creates .venv from the repo's own
 # files when it is missing, then runs what was asked.
-#   bash scripts/dev.sh demo [echo options]   the demo server on 127.0.0.1
+#   bash scripts/dev.sh demo [httpd options]  the demo: httpd on 127.0.0.1:8080
+#   bash scripts/dev.sh echo [echo options]   the line echo server on :7007
 #   bash scripts/dev.sh test [pytest options] the test suite
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,10 @@ shift || true
 case "$cmd" in
     demo)
         setup
+        exec "$VENV/bin/python" -m ds_trio.examples.httpd "$@"
+        ;;
+    echo)
+        setup
         exec "$VENV/bin/python" -m ds_trio.examples.echo "$@"
         ;;
     test)
@@ -29,7 +34,7 @@ case "$cmd" in
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)
-        echo "usage: bash scripts/dev.sh demo|test [args]" >&2
+        echo "usage: bash scripts/dev.sh demo|echo|test [args]" >&2
         exit 2
         ;;
 esac

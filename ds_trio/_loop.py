@@ -589,22 +589,28 @@ class Loop(_State):
 
     def spawn_step(self, fn: Callable[[], Any], what: object) -> None:
         """Run an async step (requeued coroutine function) in its own task."""
-        if self._tg is not None and not self._finished:
-            self._tg.start_soon(self._run_async_item, fn, what)
+        self._spawn_supervised(fn, (), what)
 
     def spawn_task(self, fn: Callable[..., Any], *args: Any) -> None:
         """Start a supervisor task (a reaper wait) in the loop's task group."""
+        self._spawn_supervised(fn, args, fn)
+
+    def _spawn_supervised(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], what: object
+    ) -> None:
         if self._tg is not None and not self._finished:
-            self._tg.start_soon(self._run_supervised, fn, args)
+            self._tg.start_soon(self._run_supervised, fn, args, what)
 
     async def _run_supervised(
-        self, fn: Callable[..., Any], args: tuple[Any, ...]
+        self, fn: Callable[..., Any], args: tuple[Any, ...], what: object
     ) -> None:
+        # Tasks the loop starts see it as current, and their errors follow
+        # its policy (an async DS step's error closes that object).
         _current.set(self)
         try:
             await fn(*args)
         except Exception as exc:
-            self.failed(exc, fn)
+            self.failed(exc, what, what if _is_ds(what) else None)  # type: ignore[arg-type]
 
     def forget_children(self) -> None:
         # Reset inside a running loop: the pidfd tasks still reap their
@@ -680,13 +686,6 @@ class Loop(_State):
             return
         self._failures.append(exc)
         self._finish()
-
-    async def _run_async_item(self, fn: Callable[[], Any], what: object) -> None:
-        _current.set(self)
-        try:
-            await fn()
-        except Exception as exc:
-            self.failed(exc, what, what if _is_ds(what) else None)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------
     # The driver

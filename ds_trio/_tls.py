@@ -55,12 +55,9 @@ def want(exc: BaseException) -> int:
 def _wait_step(obj: DS, direction: int, step: object) -> bool:
     obj._ds_tls_want = direction
     obj.epwait(direction | _ONESHOT)
-    queue = obj.wbuf
-    if queue is None:
-        from collections import deque
+    from ._wbuf import _queue  # _wbuf imports this module
 
-        queue = obj.wbuf = deque()
-    queue.appendleft(step)
+    _queue(obj).appendleft(step)
     return False
 
 

@@ -42,3 +42,14 @@ def _clean_pending_state() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 def _ds_logs_visible(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="ds_trio")
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the fault suite's table (tests/faultlib.py) when it ran."""
+    from tests import faultlib
+
+    if not faultlib.ROWS:
+        return
+    terminalreporter.section("fault suite: lost and leaked (must all be 0)")
+    terminalreporter.write(faultlib.markdown())
+    faultlib.write_if_asked()

@@ -54,6 +54,9 @@ class Backend:
     settle_passes: int
     #: Direction bits -> the wait for them (0: park until re-armed).
     waits: dict[int, Callable[[Any], Awaitable[None]]]
+    #: The asyncio event loop when readiness callbacks can run synchronous
+    #: steps directly (``add_reader``/``add_writer``); None on trio.
+    callback_loop: asyncio.AbstractEventLoop | None = None
 
 
 _CLOSED = (trio.ClosedResourceError, anyio.ClosedResourceError)
@@ -130,7 +133,18 @@ def _asyncio_backend() -> Backend:
         # for the next.
         settle_passes=3,
         waits=_waits(wait_readable, wait_writable, anyio.sleep_forever),
+        callback_loop=_callback_loop(),
     )
+
+
+def _callback_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop if it supports ``add_reader`` (not Proactor)."""
+    aio_loop = asyncio.get_running_loop()
+    if isinstance(aio_loop, asyncio.BaseEventLoop) and not isinstance(
+        aio_loop, asyncio.SelectorEventLoop
+    ):
+        return None  # e.g. the Proactor loop: no add_reader
+    return aio_loop
 
 
 def current_backend() -> Backend:

@@ -15,6 +15,7 @@ state, knows which call to make next (``Documentation/technical/ds.txt``).
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import os
@@ -121,7 +122,10 @@ class DS:
 
     __slots__ = (
         "__weakref__",
+        "_ds_cb",
+        "_ds_cb_fut",
         "_ds_external",
+        "_ds_in_cb",
         "_ds_is_socket",
         "_ds_no_sendfile",
         "_ds_running",
@@ -192,6 +196,9 @@ class DS:
         self._ds_is_socket = isinstance(sock, socket.socket)
         self._ds_stepping = False
         self._ds_shutdown_timer: Timer | None = None
+        self._ds_cb: asyncio.AbstractEventLoop | None = None
+        self._ds_cb_fut: asyncio.Future[None] | None = None
+        self._ds_in_cb = False
         _state().register(self, fd)
 
     def __repr__(self) -> str:
@@ -240,7 +247,12 @@ class DS:
         # Cancel the task's wait scope: a wait in the old direction ends and
         # the task re-reads its interest.  Harmless when the task is inside
         # its own step (no checkpoint runs before it leaves the scope) or
-        # when no scope is open.
+        # when no scope is open.  In callback mode the registration is
+        # changed instead - after the step, when called from inside it.
+        if self._ds_cb is not None:
+            if not self._ds_in_cb:
+                self._cb_arm()
+            return
         scope = self._scope
         if scope is not None:
             scope.cancel()
@@ -632,6 +644,8 @@ class DS:
         # than its frame and its scope.
         waits = backend.waits
         async_step = self._ds_async_step
+        # asyncio/uvloop: synchronous steps run from readiness callbacks.
+        callback_loop = None if async_step else backend.callback_loop
         try:
             while True:
                 sock = self.sock
@@ -645,6 +659,13 @@ class DS:
                     continue
                 ev = self._ev
                 direction = ev & _BOTH
+                if (
+                    callback_loop is not None
+                    and direction != _BOTH
+                    and not _tls.is_tls(sock)
+                ):
+                    await self._park_with_callbacks(callback_loop)
+                    continue
                 wait: Callable[[Any], Awaitable[None]]
                 if direction == _BOTH:
                     wait = self._wait_either
@@ -692,6 +713,106 @@ class DS:
             self._scope = None
             self._wait_dir = _NO_SCOPE
             self._ds_running = False
+
+    # ------------------------------------------------------------------
+    # Callback mode (asyncio and uvloop, synchronous event_step)
+    #
+    # A task woken per request costs a future, a task step and, through
+    # anyio, an add_reader/remove_reader pair: about four times an asyncio
+    # Protocol.  There the object's task parks for its lifetime instead
+    # while the fd stays registered with the event loop and readiness calls
+    # event_step directly.  The registration is kept across steps while
+    # the interest stays the same (one-shot is applied to _ev, and the
+    # registration dropped only if the step did not re-arm it), so a
+    # request costs no epoll_ctl at all.  Async steps, TLS (decrypted
+    # bytes never make the fd readable) and EPOLLIN|EPOLLOUT go back to
+    # the task's waits.
+    # ------------------------------------------------------------------
+
+    async def _park_with_callbacks(self, aio_loop: asyncio.AbstractEventLoop) -> None:
+        fut: asyncio.Future[None] = aio_loop.create_future()
+        self._ds_cb_fut = fut
+        self._ds_cb = aio_loop
+        self._wait_dir = 0
+        try:
+            self._cb_arm()
+            if not fut.done():
+                await fut
+        finally:
+            self._cb_release()
+
+    def _cb_arm(self) -> None:
+        """Make the registration match the armed interest, or hand back to the task."""
+        aio_loop = self._ds_cb
+        assert aio_loop is not None
+        sock = self.sock
+        want = self._ev & _BOTH
+        if sock is None or self._ds_external or want == _BOTH or _tls.is_tls(sock):
+            self._cb_release()
+            return
+        have = self._wait_dir
+        if have == want:
+            return
+        fd = self._fd
+        if have == _IN:
+            aio_loop.remove_reader(fd)
+        elif have == _OUT:
+            aio_loop.remove_writer(fd)
+        self._wait_dir = 0
+        if want == _IN:
+            aio_loop.add_reader(fd, self._cb_ready)
+        elif want == _OUT:
+            aio_loop.add_writer(fd, self._cb_ready)
+        self._wait_dir = want
+
+    def _cb_release(self) -> None:
+        """Leave callback mode: unregister and wake the parked task."""
+        aio_loop = self._ds_cb
+        if aio_loop is None:
+            return
+        have = self._wait_dir
+        # Unregister before the fd can be closed: uvloop aborts the process
+        # on an fd closed under a registered watcher.
+        if have == _IN:
+            aio_loop.remove_reader(self._fd)
+        elif have == _OUT:
+            aio_loop.remove_writer(self._fd)
+        self._ds_cb = None
+        self._wait_dir = _NO_SCOPE
+        fut, self._ds_cb_fut = self._ds_cb_fut, None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def _cb_ready(self) -> None:
+        """The fd is ready: one ``event_step``, called by the event loop."""
+        state = cast("Loop", self._ds_state)
+        sock = self.sock
+        if sock is None or state._finished:
+            self._cb_release()
+            return
+        if _current.get(None) is not state:
+            # The handle runs in the context add_reader captured, which may
+            # be another task's (epwait called from elsewhere).
+            _current.set(state)
+        ev = self._ev
+        if ev & _ONESHOT:
+            self._ev = ev & ~_BOTH
+        self._ds_in_cb = True
+        try:
+            self.event_step()
+        except Exception as exc:
+            self._ds_in_cb = False
+            state.failed(exc, self, self)
+        finally:
+            self._ds_in_cb = False
+        if state.post_loop_callback is not None:
+            state.kick()
+        if (
+            self.sock is not sock
+            or self._ev & _BOTH != self._wait_dir
+            or self._ds_external
+        ) and self._ds_cb is not None:
+            self._cb_arm()
 
     async def _async_step(self) -> None:
         # drained() checks this: only the object's own step may await it.

@@ -1,0 +1,222 @@
+"""Callback mode: on asyncio and uvloop, synchronous steps run from readiness callbacks.
+
+The behaviour must be the same as the task mode's (trio, async steps, TLS):
+these tests run on every backend and check the transitions between the
+two modes, the lazy one-shot disarm and what a steady request costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import anyio
+import pytest
+
+import ds_trio
+from ds_trio import DS, EPOLLIN, EPOLLONESHOT, EPOLLOUT
+from ds_trio.testing import assert_no_leaks
+
+from .helpers import Echo, pair, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param(("trio", {}), id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> object:
+    if request.param[1].get("use_uvloop"):
+        pytest.importorskip("uvloop")
+    return request.param
+
+
+async def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    sock.sendall(payload)
+    received = bytearray()
+    while len(received) < len(payload):
+        await anyio.wait_readable(sock)
+        chunk = sock.recv(65536)
+        assert chunk, "peer closed early"
+        received += chunk
+    return bytes(received)
+
+
+async def test_steady_requests_cost_no_registration_change(
+    anyio_backend: Any,
+) -> None:
+    if anyio_backend[0] != "asyncio" or anyio_backend[1]:
+        pytest.skip("counts the asyncio selector loop's add_reader calls")
+    aio_loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    add_reader, remove_reader = aio_loop.add_reader, aio_loop.remove_reader
+
+    a, b = pair()
+    watched = a.fileno()
+
+    def counting_add(fd: Any, cb: Any, *args: Any) -> None:
+        if fd == watched:
+            calls.append("add")
+        add_reader(fd, cb, *args)
+
+    def counting_remove(fd: Any) -> bool:
+        if fd == watched:
+            calls.append("remove")
+        return remove_reader(fd)
+
+    with b:
+        async with ds_trio.loop():
+            aio_loop.add_reader = counting_add  # type: ignore[method-assign,assignment]
+            aio_loop.remove_reader = counting_remove  # type: ignore[method-assign]
+            try:
+                obj = Echo(a)
+                for i in range(50):
+                    line = b"line %d\n" % i
+                    assert await roundtrip(b, line) == line
+                # One registration for 50 one-shot steps, each re-armed by
+                # do_read's EAGAIN: kept, never removed and added again.
+                assert calls == ["add"]
+                obj.close()
+                assert calls == ["add", "remove"]
+            finally:
+                del aio_loop.add_reader, aio_loop.remove_reader
+
+
+class NotRearming(DS):
+    """Reads nothing and re-arms nothing: one step, then silence."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+        self.steps = 0
+
+    def event_step(self) -> None:
+        self.steps += 1
+
+
+async def test_oneshot_disarms_when_the_step_does_not_rearm(anyio_backend: Any) -> None:
+    a, b = pair()
+    with b:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            obj = NotRearming(a)
+            b.sendall(b"x")  # stays unread: the fd stays readable
+            await wait_for(lambda: obj.steps == 1)
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            assert obj.steps == 1
+            obj.epwait(EPOLLIN | EPOLLONESHOT)  # re-armed from outside
+            await wait_for(lambda: obj.steps == 2)
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            assert obj.steps == 2
+            obj.close()
+            lp.stop()
+
+
+class Switcher(DS):
+    """Echo that answers through EPOLLIN|EPOLLOUT, then EPOLLOUT, then EPOLLIN.
+
+    Every interest change moves a callback-mode object to the task's waits
+    (both directions) and back.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+        self.pending = bytearray()
+        self.log: list[str] = []
+
+    def event_step(self) -> None:
+        if self.pending:
+            self.log.append("out")
+            sent = self.sock.send(self.pending)
+            del self.pending[:sent]
+            if self.pending:
+                self.epwait(EPOLLOUT | EPOLLONESHOT)
+                return
+        buf = bytearray()
+        if self.do_read(buf, 65536):
+            self.log.append("in")
+            self.pending += buf
+            # Ask for both directions: writable at once.
+            self.epwait(EPOLLIN | EPOLLOUT | EPOLLONESHOT)
+
+
+async def test_interest_changes_move_between_modes(anyio_backend: Any) -> None:
+    a, b = pair()
+    with b:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            obj = Switcher(a)
+            for i in range(30):
+                line = b"switch %d\n" % i
+                assert await roundtrip(b, line) == line
+            assert obj.log.count("in") == 30
+            assert obj.log.count("out") >= 30
+            obj.close()
+            lp.stop()
+
+
+class Poker(DS):
+    """On each line, arms another object for writing (epwait from a step)."""
+
+    def __init__(self, sock: socket.socket, other: DS) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+        self.other = other
+
+    def event_step(self) -> None:
+        buf = bytearray()
+        while self.do_read(buf, 65536):
+            self.other.epwait(EPOLLOUT | EPOLLONESHOT)
+
+
+class Greeter(DS):
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, 0)  # parked until someone arms it
+        self.greeted = 0
+
+    def event_step(self) -> None:
+        self.greeted += 1
+        self.sock.send(b"hi\n")
+
+
+async def test_epwait_from_another_objects_step(anyio_backend: Any) -> None:
+    a, b = pair()
+    c, d = pair()
+    with b, d:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            greeter = Greeter(c)
+            Poker(a, greeter)
+            for i in range(5):
+                b.sendall(b"poke\n")
+                expected = i + 1
+                await wait_for(lambda: greeter.greeted == expected)  # noqa: B023
+                await anyio.wait_readable(d)
+                assert d.recv(100) == b"hi\n"
+            lp.stop()
+
+
+class Failing(DS):
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+
+    def event_step(self) -> None:
+        raise RuntimeError("step failed")
+
+
+async def test_step_error_in_a_callback_follows_the_policy(anyio_backend: Any) -> None:
+    a, b = pair()
+    c, d = pair()
+    with b, d:
+        async with assert_no_leaks():
+            with pytest.raises(RuntimeError, match="step failed"):
+                async with ds_trio.loop():
+                    Echo(c)
+                    assert await roundtrip(d, b"before\n") == b"before\n"
+                    Failing(a)
+                    b.sendall(b"boom\n")
+                    await anyio.sleep_forever()
+            assert a.fileno() == -1
+            assert c.fileno() == -1

@@ -133,6 +133,7 @@ class DS:
         "_ds_state",
         "_ds_stepping",
         "_ds_tls_want",
+        "_ds_wmem",
         "_ev",
         "_fd",
         "_scope",
@@ -152,6 +153,11 @@ class DS:
     _ds_is_ds: ClassVar[bool] = True
     #: Where spill files are created; None: ``tempfile.gettempdir()``.
     spill_dir: ClassVar[str | None] = None
+    #: Bytes of queued output an object may keep as heap copies instead of
+    #: spilling them (small remainders: a spill file costs an open and a
+    #: pwrite, several times a copy).  0 spills every copy, as the seed.
+    #: Immutable ``bytes`` are queued by reference and do not count.
+    WBUF_MEMORY_MAX: ClassVar[int] = 16384
     #: Seconds a TLS shutdown may wait to send close_notify before the
     #: connection is closed anyway.
     TLS_SHUTDOWN_TIMEOUT: ClassVar[float] = 5.0
@@ -199,6 +205,7 @@ class DS:
         self._ds_cb: asyncio.AbstractEventLoop | None = None
         self._ds_cb_fut: asyncio.Future[None] | None = None
         self._ds_in_cb = False
+        self._ds_wmem = 0
         _state().register(self, fd)
 
     def __repr__(self) -> str:
@@ -360,6 +367,27 @@ class DS:
         ``event_step`` and reads more only when it returned True.
         """
         return _wbuf.flush_write(self)
+
+    def write_file(self, file: Any, offset: int = 0, length: int | None = None) -> bool:
+        """Queue ``length`` bytes of ``file`` from ``offset`` (zero-copy).
+
+        ``file`` is an fd or an object with ``fileno()`` (a regular file);
+        ``length`` None means to its end.  The region goes out with
+        ``os.sendfile`` straight from the page cache (``pread`` + ``send``
+        over TLS) in queue order, through a duplicate fd, so the caller may
+        close its file at once.  The seed's write queue held such injected
+        files as ``[fh, offset, length]``.  A file that shrinks before its
+        region is sent closes the object (the promised length cannot be
+        kept).
+
+        Returns:
+            As :meth:`write`: True if all of it went out now.
+
+        Raises:
+            ValueError: a negative ``offset`` or ``length``.
+            OSError: ``file`` is not an open file (from ``dup``/``fstat``).
+        """
+        return _wbuf.write_file(self, file, offset, length)
 
     def msg_more(self, data: bytes | bytearray | memoryview) -> bool:
         """Write with ``MSG_MORE`` ("more follows") when nothing is queued.
@@ -562,6 +590,7 @@ class DS:
         # in it (a queued "close me" callback holding the object); its
         # spill files are closed now, not whenever the GC gets to them.
         wbuf, self.wbuf = self.wbuf, None
+        self._ds_wmem = 0
         _wbuf.discard(wbuf)
         timer = self._ds_shutdown_timer
         if timer is not None:

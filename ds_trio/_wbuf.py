@@ -40,7 +40,16 @@ from ._tls import want
 if TYPE_CHECKING:
     from ._ds import DS
 
-__all__ = ["MSG_MORE", "Spill", "flush_write", "msg_more", "open_spill", "write"]
+__all__ = [
+    "MSG_MORE",
+    "Held",
+    "Spill",
+    "flush_write",
+    "msg_more",
+    "open_spill",
+    "write",
+    "write_file",
+]
 
 log = logging.getLogger("ds_trio.wbuf")
 
@@ -119,6 +128,8 @@ class Spill:
             return 0
         if use_sendfile:
             n = os.sendfile(sock.fileno(), self.fd, self.offset, remaining)
+            if not n:  # an injected file truncated under us
+                raise OSError(errno.EIO, "file shorter than queued")
         else:
             data = os.pread(self.fd, min(remaining, _CHUNK), self.offset)
             if not data:  # truncated under us
@@ -134,6 +145,51 @@ class Spill:
 
     def __repr__(self) -> str:
         return f"<Spill fd={self.fd} {self.offset}/{self.end}>"
+
+
+class Held:
+    """Bytes queued in memory: ``view`` is what is left to send.
+
+    Two kinds, both bounded.  *Referenced*: an immutable ``bytes`` object
+    (or a view of one) is queued without a copy - only at the head of the
+    queue or behind more of the same object, so an object holds at most one
+    application buffer it had allocated anyway.  *Copied*: a small
+    remainder is copied while the object's copied bytes stay under
+    ``DS.WBUF_MEMORY_MAX`` (a spill file costs an ``open`` and a ``pwrite``,
+    four to five times a heap copy for a few KiB).  Anything else spills.
+    """
+
+    __slots__ = ("charged", "owner", "view")
+
+    def __init__(self, view: memoryview, owner: object, charged: int) -> None:
+        self.view = view
+        #: The immutable object referenced, None for a copy.
+        self.owner = owner
+        #: Copied bytes counted against the object's WBUF_MEMORY_MAX.
+        self.charged = charged
+
+    def send(self, sock: Any, cap: int) -> int:
+        """Send from the head of the view: bytes sent, 0 when exhausted."""
+        view = self.view
+        if not view:
+            return 0
+        n: int = sock.send(view[:cap] if cap and len(view) > cap else view)
+        self.view = view[n:]
+        return n
+
+    def __repr__(self) -> str:
+        kind = "referenced" if self.owner is not None else "copied"
+        return f"<Held {kind} {len(self.view)} bytes>"
+
+
+def _immutable_owner(data: object, view: memoryview) -> object | None:
+    """The immutable object behind ``data``, or None if it may change."""
+    if type(data) is bytes:
+        return data
+    owner = view.obj
+    if type(owner) is bytes:
+        return owner
+    return None
 
 
 def _bytes_view(data: object) -> memoryview:
@@ -170,6 +226,42 @@ def _spill(obj: DS, view: memoryview, queue: deque[Any]) -> bool:
     return True
 
 
+def _enqueue(obj: DS, data: object, view: memoryview, queue: deque[Any]) -> bool:
+    """Queue ``view`` (the unsent part of ``data``); False if the object was dropped.
+
+    Held in memory when that is free (more of the immutable object already
+    at the tail, or the queue was empty) or cheap and bounded (a copy under
+    ``WBUF_MEMORY_MAX``); otherwise appended to the tail spill file or a new
+    one.  Order is the queue's, whichever entry takes the bytes.
+    """
+    owner = _immutable_owner(data, view)
+    tail = queue[-1] if queue else None
+    if owner is not None and (
+        tail is None or (type(tail) is Held and tail.owner is owner)
+    ):
+        queue.append(Held(view, owner, 0))
+        return True
+    if type(tail) is Spill and tail.appendable:
+        try:
+            tail.append(view)
+        except OSError as exc:
+            obj.drop(f"print to tmpfile: {exc}")
+            return False
+        obj._ds_state.spilled_bytes += view.nbytes
+        return True
+    n = view.nbytes
+    if obj._ds_wmem + n <= obj.WBUF_MEMORY_MAX:
+        obj._ds_wmem += n
+        if type(tail) is Held and tail.owner is None:
+            # Extend the tail copy (its unsent part plus the new bytes).
+            tail.view = memoryview(bytes(tail.view) + view)
+            tail.charged += n
+        else:
+            queue.append(Held(memoryview(bytes(view)), None, n))
+        return True
+    return _spill(obj, view, queue)
+
+
 def _queue(obj: DS) -> deque[Any]:
     # The seed pushes onto the *existing* array: flush_write may hold an
     # empty-but-present queue while it runs a callable that writes, and must
@@ -196,17 +288,7 @@ def write(obj: DS, data: Any) -> bool:
         data(obj)
         return True
     if queue:
-        queued = _bytes_view(data)
-        last = queue[-1]
-        if type(last) is Spill and last.appendable:
-            try:
-                last.append(queued)
-            except OSError as exc:
-                obj.drop(f"print to tmpfile: {exc}")
-                return False
-            obj._ds_state.spilled_bytes += queued.nbytes
-        else:
-            _spill(obj, queued, queue)
+        _enqueue(obj, data, _bytes_view(data), queue)
         return False
     view: memoryview | None
     if type(data) is not bytes or type(sock) is not socket.socket:
@@ -240,8 +322,35 @@ def write(obj: DS, data: Any) -> bool:
         # The socket is probably still writable: continue next round
         # without a poller round trip.
         obj.requeue()
-    _spill(obj, view[written:], _queue(obj))
+    _enqueue(obj, data, view[written:], _queue(obj))
     return False
+
+
+def write_file(obj: DS, file: Any, offset: int, length: int | None) -> bool:
+    """``DS.write_file``: queue a region of a file, sent with ``sendfile``."""
+    if isinstance(file, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(
+            f"write_file() needs a file and an offset >= 0, got {offset!r}"
+        )
+    fd = file if isinstance(file, int) else file.fileno()
+    if length is None:
+        length = os.fstat(fd).st_size - offset
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"write_file() length must be an int >= 0, got {length!r}")
+    sock = obj.sock
+    if sock is None:
+        return True  # the seed's lie on a dead socket, as write()
+    if length == 0:
+        return not obj.wbuf
+    # A private fd: the caller may close its file at once, and the queue
+    # closes this one when the region is sent or the object closes.
+    entry = Spill(os.dup(fd), offset + length, offset=offset, appendable=False)
+    queue = _queue(obj)
+    queue.append(entry)
+    if len(queue) > 1:
+        return False
+    # Nothing was queued before: start sending now, as write() does.
+    return flush_write(obj)
 
 
 def _tls_blocked(obj: DS, exc: BaseException) -> None:
@@ -264,6 +373,23 @@ def flush_write(obj: DS) -> bool:
     use_sendfile = obj._ds_sendfile_ok()
     while queue:
         head = queue[0]
+        if type(head) is Held:
+            try:
+                # Over TLS never more than _CHUNK per SSL_write (see write()).
+                while head.send(sock, 0 if use_sendfile else _CHUNK):
+                    pass
+            except BlockingIOError:
+                obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
+                return False
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
+                _tls_blocked(obj, exc)
+                return False
+            except OSError:
+                obj.close()
+                return False
+            queue.popleft()
+            obj._ds_wmem -= head.charged
+            continue
         if type(head) is Spill:
             try:
                 while head.send(sock, use_sendfile):
@@ -314,7 +440,7 @@ def msg_more(obj: DS, data: Any) -> bool:
             view = _bytes_view(data)
             if sent == view.nbytes:
                 return True
-            if _spill(obj, view[sent:], _queue(obj)):
+            if _enqueue(obj, data, view[sent:], _queue(obj)):
                 obj.epwait(_EPOLLOUT_ONESHOT)
             return False
     # The base class's write, never a subclass override (the seed calls

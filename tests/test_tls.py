@@ -22,7 +22,7 @@ import termios
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import anyio.abc
@@ -124,13 +124,13 @@ class Echo(DS):
             reads += 1
             if limit is not None and reads >= limit:
                 break
-        if buf and not write_pieces(self, bytes(buf), self.write_piece):
+        if buf and not write_pieces(self, buf, self.write_piece):
             return  # queued: write() arranged the wake-up
         if self.sock is not None and limit is not None and reads >= limit:
             self.epwait(IN_ONESHOT)  # more may be pending: wait (not spin)
 
 
-def write_pieces(obj: DS, data: bytes, piece: int | None) -> bool:
+def write_pieces(obj: DS, data: bytes | bytearray, piece: int | None) -> bool:
     """``obj.write(data)`` in pieces of at most ``piece`` bytes."""
     if piece is None:
         return obj.write(data)
@@ -150,7 +150,14 @@ class LineServer(DS):
 
     Plaintext pipelined after ``STARTTLS`` is discarded (recorded in
     ``discarded``), as RFC 3207 §4.2 asks of the protocol.
+
+    Its payloads are mutable copies and none stays in memory, so whatever
+    the socket does not take goes through a spill file (pread + SSL_write);
+    :class:`HeldLineServer` queues immutable payloads by reference instead.
     """
+
+    WBUF_MEMORY_MAX = 0
+    held_payloads: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -206,7 +213,9 @@ class LineServer(DS):
             return False
         if line.startswith(b"SEND "):
             n, *piece = map(int, line[5:].split())
-            write_pieces(self, payload(n), piece[0] if piece else None)
+            data = payload(n)
+            body = data if self.held_payloads else bytearray(data)
+            write_pieces(self, body, piece[0] if piece else None)
             return self.write(b"END\n")
         if line.startswith(b"BURST "):
             rng = random.Random(int(line[6:]))
@@ -809,6 +818,13 @@ class PatientLineServer(LineServer):
     TLS_SHUTDOWN_TIMEOUT = 1e6
 
 
+class HeldLineServer(LineServer):
+    """LineServer whose payloads are ``bytes``: queued by reference, no spill."""
+
+    WBUF_MEMORY_MAX = DS.WBUF_MEMORY_MAX
+    held_payloads = True
+
+
 class BoundedLineServer(LineServer):
     TLS_SHUTDOWN_TIMEOUT = 7.0
 
@@ -927,10 +943,13 @@ async def test_epbit_on_a_plain_socket_returns_its_argument() -> None:
 
 
 async def test_cancelling_the_loop_mid_handshake_leaks_nothing(certs: Certs) -> None:
+    class SpillingEcho(Echo):
+        WBUF_MEMORY_MAX = 0  # even a small greeting goes to a spill file
+
     def factory(conn: socket.socket) -> DS:
         # The greeting is spilled behind the handshake step: a spill file
         # that must be closed too.
-        return Echo(conn, certs.server, greeting=b"* OK ready\n")
+        return SpillingEcho(conn, certs.server, greeting=b"* OK ready\n")
 
     async with assert_no_leaks(), contextlib.AsyncExitStack() as stack:
         objects: list[Any] = []
@@ -1001,8 +1020,9 @@ async def test_tls_spill_files_are_sent_with_pread_and_send_never_sendfile(
     assert sendfile_calls == []
 
 
+@pytest.mark.parametrize("server", [LineServer, HeldLineServer])
 async def test_one_large_write_that_blocks_midway_over_tls_arrives_byte_exact(
-    certs: Certs,
+    certs: Certs, server: type[LineServer]
 ) -> None:
     # A single write() larger than what the socket takes now: OpenSSL
     # commits records until the socket is full (hundreds of KiB), then
@@ -1011,7 +1031,7 @@ async def test_one_large_write_that_blocks_midway_over_tls_arrives_byte_exact(
     size = 2 * MiB
 
     def factory(conn: socket.socket) -> DS:
-        return LineServer(conn, certs.server, implicit_tls=True)
+        return server(conn, certs.server, implicit_tls=True)
 
     async with (
         serving(factory, sndbuf=262144) as srv,
@@ -1021,7 +1041,9 @@ async def test_one_large_write_that_blocks_midway_over_tls_arrives_byte_exact(
             await client.handshake()
             await client.send(b"SEND %d\n" % size)
             obj = srv.obj(0)
-            await wait_for(lambda: spill_entry_count(obj.wbuf) > 0)
+            await wait_for(lambda: queued_data(obj) > 0)
+            if server is HeldLineServer:
+                assert spill_entry_count(obj.wbuf) == 0
             data = await client.recv_exactly(size + 4)
         assert len(data) == size + 4
         assert data == payload(size) + b"END\n"
@@ -1069,6 +1091,11 @@ class SendRecorder:
         return self.real(data, flags)
 
 
+def queued_data(obj: DS) -> int:
+    """Queue entries holding bytes (spill files and in-memory buffers)."""
+    return sum(1 for entry in obj.wbuf or () if not callable(entry))
+
+
 @pytest.mark.parametrize("method", ["msg_more", "write"])
 async def test_msg_more_over_tls_behaves_exactly_like_write(
     certs: Certs, method: str
@@ -1085,7 +1112,7 @@ async def test_msg_more_over_tls_behaves_exactly_like_write(
         # During the handshake: queued behind the handshake step.
         assert emit(b"greeting;") is False
         assert mid_handshake(obj)
-        assert spill_entry_count(obj.wbuf) == 1
+        assert queued_data(obj) == 1
         with anyio.fail_after(10):
             await client.handshake()
             assert await client.recv_exactly(9) == b"greeting;"
@@ -1099,9 +1126,9 @@ async def test_msg_more_over_tls_behaves_exactly_like_write(
             filled = 0
             while obj.write(chunk):
                 filled += 1
-            assert spill_entry_count(obj.wbuf) == 1
+            assert queued_data(obj) == 1
             assert emit(b"after") is False
-            assert spill_entry_count(obj.wbuf) == 1  # appended to it
+            assert queued_data(obj) == 2  # behind it
             expected = chunk * (filled + 1) + b"after"
             assert await client.recv_exactly(len(expected)) == expected
         assert recorder.flags

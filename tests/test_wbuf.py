@@ -150,8 +150,19 @@ def spills(obj: DS) -> list[Spill]:
     return [entry for entry in obj.wbuf or () if isinstance(entry, Spill)]
 
 
-def payload(n: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(n)
+def payload(n: int, seed: int = 0) -> bytearray:
+    # Mutable: queued as a copy, which these tests want to reach a spill
+    # file (immutable bytes are queued by reference; see test_held_*).
+    return bytearray(random.Random(seed).randbytes(n))
+
+
+@pytest.fixture(autouse=True)
+def _spill_every_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The seed's write path: every queued copy goes to a spill file.
+
+    Tests of the in-memory queue set ``WBUF_MEMORY_MAX`` themselves.
+    """
+    monkeypatch.setattr(DS, "WBUF_MEMORY_MAX", 0)
 
 
 async def read_into(
@@ -326,7 +337,7 @@ async def test_eagain_queues_everything_and_arms_epollout() -> None:
         async with ds_trio.loop() as loop:
             obj = Flusher(a)
             filled = fill_socket(a)
-            assert obj.write(b"hello") is False
+            assert obj.write(bytearray(b"hello")) is False
             [spill] = spills(obj)
             assert list(obj.wbuf or ()) == [spill]
             assert (spill.offset, spill.end) == (0, 5)
@@ -343,7 +354,7 @@ async def test_eagain_queues_everything_and_arms_epollout() -> None:
 async def test_consecutive_queued_writes_append_to_the_last_spill_file() -> None:
     a, b = socketpair()
     parts: list[bytes | bytearray | memoryview] = [
-        b"a" * 1000,
+        bytearray(b"a" * 1000),
         bytearray(b"b" * 2000),
         memoryview(b"c" * 3000),
     ]
@@ -356,8 +367,8 @@ async def test_consecutive_queued_writes_append_to_the_last_spill_file() -> None
             fd = spill.fd
             assert obj.write(parts[1]) is False
             assert obj.write(parts[2]) is False
-            assert obj.msg_more(b"d" * 10) is False
-            assert obj.write(b"") is False
+            assert obj.msg_more(bytearray(b"d" * 10)) is False
+            assert obj.write(bytearray(b"")) is False
             assert list(obj.wbuf or ()) == [spill]
             assert (spill.fd, spill.offset, spill.end) == (fd, 0, 6010)
             assert loop.statistics().bytes_spilled == 6010
@@ -409,9 +420,9 @@ async def test_data_written_after_a_queued_callable_starts_a_new_spill_entry() -
         async with ds_trio.loop() as loop:
             obj = Flusher(a)
             filled = fill_socket(a)
-            assert obj.write(b"one") is False
+            assert obj.write(bytearray(b"one")) is False
             assert obj.write(callback) is False
-            assert obj.write(b"two") is False
+            assert obj.write(bytearray(b"two")) is False
             assert obj.write(bytearray(b"three")) is False
             entries = list(obj.wbuf or ())
             assert [type(entry) for entry in entries[::2]] == [Spill, Spill]
@@ -685,9 +696,9 @@ async def test_spill_files_are_closed_when_the_object_closes() -> None:
                 baseline = spill_fds()
                 obj = Flusher(a)
                 fill_socket(a)
-                obj.write(b"first")
+                obj.write(bytearray(b"first"))
                 obj.write(calls.append)
-                obj.write(b"second")
+                obj.write(bytearray(b"second"))
                 queued = spills(obj)
                 assert len(queued) == 2
                 assert len(spill_fds() - baseline) == 2
@@ -708,7 +719,7 @@ async def test_spill_files_are_closed_when_the_loop_is_cancelled() -> None:
                     obj = Flusher(a)
                     obj.write(payload(2 * MiB))
                     obj.write(lambda _: None)
-                    obj.write(b"behind a callable")
+                    obj.write(bytearray(b"behind a callable"))
                     queued = spills(obj)
                     assert len(queued) == 2
                     assert all(
@@ -880,10 +891,10 @@ async def test_msg_more_with_queued_output_behaves_like_write() -> None:
             obj = Flusher(a)
             filled = fill_socket(a)
             a.sends.clear()
-            assert obj.write(b"queued") is False
+            assert obj.write(bytearray(b"queued")) is False
             [spill] = spills(obj)
             sends = list(a.sends)
-            assert obj.msg_more(b" more") is False
+            assert obj.msg_more(bytearray(b" more")) is False
             assert a.sends == sends  # no send attempted: queued behind
             assert list(obj.wbuf or ()) == [spill]
             assert spill.end == len(b"queued more")
@@ -939,7 +950,7 @@ async def test_msg_more_partial_send_spills_the_rest_and_arms_epollout() -> None
 # ----------------------------------------------------------------------
 
 
-def bulk_body(n: int) -> bytes:
+def bulk_body(n: int) -> bytearray:
     return payload(n, seed=n)
 
 
@@ -1236,6 +1247,17 @@ async def run_ops(ops: list[tuple[str, int]], close_at: int | None, seed: int) -
     """
     rnd = random.Random(seed)
     ds_trio.Reset()
+    # Spill every copy (the seed), the default heap allowance, or a large one.
+    Flusher.WBUF_MEMORY_MAX = rnd.choice([0, 16384, 1 << 20])
+    try:
+        await _run_ops(ops, close_at, rnd)
+    finally:
+        del Flusher.WBUF_MEMORY_MAX
+
+
+async def _run_ops(
+    ops: list[tuple[str, int]], close_at: int | None, rnd: random.Random
+) -> None:
     async with assert_no_leaks():
         a, b = socketpair()
         with closing(a, b):
@@ -1290,10 +1312,23 @@ async def run_ops(ops: list[tuple[str, int]], close_at: int | None, seed: int) -
                             data = rnd.randbytes(n)
                             if is_open:
                                 stream += data
+                            # Every kind of bytes-like: referenced (bytes, a
+                            # view of bytes) or copied (then mutated: the
+                            # copy must not see it).
+                            shape = rnd.choice(["bytes", "view", "bytearray"])
+                            item: bytes | bytearray | memoryview = (
+                                data
+                                if shape == "bytes"
+                                else memoryview(data)
+                                if shape == "view"
+                                else bytearray(data)
+                            )
                             if kind == "more":
-                                ret = obj.msg_more(data)
+                                ret = obj.msg_more(item)
                             else:
-                                ret = obj.write(bytearray(data))
+                                ret = obj.write(item)
+                            if isinstance(item, bytearray):
+                                item[:] = b"X" * len(item)
                         if not is_open:
                             assert ret is True  # the lie
                             continue
@@ -1470,13 +1505,13 @@ async def test_spill_failure_drops_only_that_object(
                 assert victim.write(payload(4 * MiB)) is False
             elif stage == "eagain":
                 fill_socket(a)
-                assert victim.write(b"x") is False
+                assert victim.write(bytearray(b"x")) is False
             else:
                 fill_socket(a)
-                assert victim.write(b"x") is False
+                assert victim.write(bytearray(b"x")) is False
                 [spill] = spills(victim)
                 failing_fds.add(spill.fd)
-                assert victim.write(b"y") is False
+                assert victim.write(bytearray(b"y")) is False
             assert victim.sock is None
             assert victim.wbuf is None
             # The loop and the other client go on.
@@ -1492,3 +1527,207 @@ async def test_spill_failure_drops_only_that_object(
     assert record.name == "ds_trio.ds"
     assert "dropped" in record.getMessage()
     assert os.strerror(err) in record.getMessage()
+
+
+# ----------------------------------------------------------------------
+# Output held in memory: referenced immutable bytes, small copies
+# ----------------------------------------------------------------------
+
+
+def held(obj: DS) -> list[_wbuf.Held]:
+    return [entry for entry in obj.wbuf or () if isinstance(entry, _wbuf.Held)]
+
+
+async def test_immutable_bytes_are_queued_by_reference_without_a_spill() -> None:
+    a, b = socketpair()
+    data = bytes(payload(4 * MiB, seed=7))
+    with closing(a, b):
+        async with assert_no_leaks(), ds_trio.loop() as loop:
+            obj = Flusher(a)
+            baseline = spill_fds()
+            filled = fill_socket(a)
+            assert obj.write(data) is False
+            [entry] = held(obj)
+            assert entry.owner is data  # no copy
+            assert entry.charged == 0
+            assert spill_fds() == baseline
+            # More views of the same object join it, still without a copy.
+            assert obj.write(memoryview(data)[:10]) is False
+            assert [e.owner for e in held(obj)] == [data, data]
+            assert spill_fds() == baseline
+            got = bytearray()
+            await read_into(b, got, until=filled + len(data) + 10)
+            assert got[filled:] == data + data[:10]
+            await wait_for(lambda: obj.wbuf is None)
+            obj.close()
+            loop.stop()
+
+
+async def test_other_bytes_behind_a_referenced_buffer_are_not_referenced() -> None:
+    # At most one application buffer is held per object: later bytes
+    # objects are copied (under the limit) or spilled, never referenced.
+    a, b = socketpair()
+    first, second = bytes(payload(MiB, 1)), bytes(payload(MiB, 2))
+    with closing(a, b):
+        async with assert_no_leaks(), ds_trio.loop() as loop:
+            obj = Flusher(a)
+            filled = fill_socket(a)
+            assert obj.write(first) is False
+            assert obj.write(second) is False
+            entries = list(obj.wbuf or ())
+            assert isinstance(entries[0], _wbuf.Held)
+            assert entries[0].owner is first
+            assert isinstance(entries[1], Spill)  # WBUF_MEMORY_MAX is 0 here
+            got = bytearray()
+            await read_into(b, got, until=filled + 2 * MiB)
+            assert got[filled:] == first + second
+            await wait_for(lambda: obj.wbuf is None)
+            obj.close()
+            loop.stop()
+
+
+async def test_small_copies_stay_in_memory_up_to_the_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DS, "WBUF_MEMORY_MAX", 16384)
+    a, b = socketpair()
+    with closing(a, b):
+        async with assert_no_leaks(), ds_trio.loop() as loop:
+            obj = Flusher(a)
+            baseline = spill_fds()
+            filled = fill_socket(a)
+            parts = [bytearray(payload(6000, seed=i)) for i in range(4)]
+            expected = b"".join(bytes(p) for p in parts)
+            for part in parts:
+                assert obj.write(part) is False
+                part[:] = b"X" * len(part)  # the queued copy must not see it
+            entries = list(obj.wbuf or ())
+            # Two copies (12,000 bytes) fit in one heap entry; the rest
+            # would pass 16 KiB and spills.
+            assert [type(e) for e in entries] == [_wbuf.Held, Spill]
+            assert entries[0].charged == 12000
+            assert obj._ds_wmem == 12000
+            assert len(spill_fds()) == len(baseline) + 1
+            got = bytearray()
+            await read_into(b, got, until=filled + len(expected))
+            assert got[filled:] == expected
+            await wait_for(lambda: obj.wbuf is None)
+            assert obj._ds_wmem == 0
+            assert spill_fds() == baseline
+            obj.close()
+            loop.stop()
+
+
+async def test_close_with_held_output_resets_the_allowance(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(DS, "WBUF_MEMORY_MAX", 16384)
+    a, b = socketpair()
+    with closing(a, b):
+        async with assert_no_leaks(), ds_trio.loop() as loop:
+            obj = Flusher(a)
+            fill_socket(a)
+            assert obj.write(bytearray(100)) is False
+            assert obj._ds_wmem == 100
+            obj.close()
+            assert obj._ds_wmem == 0
+            assert obj.wbuf is None
+            loop.stop()
+
+
+# ----------------------------------------------------------------------
+# write_file: a file region in the queue
+# ----------------------------------------------------------------------
+
+
+def open_rb(path: pathlib.Path) -> Any:
+    """A local file opened for reading (instant: no event loop is blocked)."""
+    return open(path, "rb")
+
+
+@pytest.mark.parametrize("use_sendfile", [True, False])
+async def test_write_file_sends_the_region_in_queue_order(
+    tmp_path: pathlib.Path, use_sendfile: bool
+) -> None:
+    content = bytes(payload(3 * MiB + 17, seed=3))
+    path = tmp_path / "file"
+    path.write_bytes(content)
+    a, b = socketpair()
+    with closing(a, b):
+        async with assert_no_leaks(), ds_trio.loop() as loop:
+            obj = Flusher(a)
+            if not use_sendfile:
+                obj._ds_no_sendfile = True
+            baseline = spill_fds()
+            filled = fill_socket(a)
+            order: list[str] = []
+            assert obj.write(bytearray(b"head:")) is False
+            with open_rb(path) as f:
+                assert obj.write_file(f, 100, 2 * MiB) is False
+            # The caller's file is closed; the queue holds its own fd.
+            assert obj.write(lambda _o: order.append("after file")) is False
+            with open_rb(path) as f:
+                assert obj.write_file(f, 0, 0) is False  # nothing, still queued
+                assert obj.write_file(f.fileno(), 3 * MiB) is False  # to the end
+            got = bytearray()
+            await read_into(b, got, until=filled + 5 + 2 * MiB + 17)
+            expected = b"head:" + content[100 : 100 + 2 * MiB] + content[3 * MiB :]
+            assert bytes(got[filled:]) == expected
+            await wait_for(lambda: obj.wbuf is None)
+            assert order == ["after file"]
+            assert spill_fds() == baseline
+            obj.close()
+            loop.stop()
+
+
+async def test_write_file_on_an_idle_socket_sends_at_once(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "small"
+    path.write_bytes(b"0123456789")
+    a, b = socketpair()
+    with closing(a, b):
+        async with assert_no_leaks(), ds_trio.loop() as loop:
+            obj = Flusher(a)
+            with open_rb(path) as f:
+                assert obj.write_file(f, 2, 5) is True
+            assert obj.wbuf is None
+            assert drain_socket(b) == b"23456"
+            obj.close()
+            loop.stop()
+
+
+async def test_write_file_truncated_under_the_queue_closes_the_object(
+    tmp_path: pathlib.Path,
+) -> None:
+    path = tmp_path / "shrinks"
+    path.write_bytes(bytes(2 * MiB))
+    a, b = socketpair()
+    with closing(a, b):
+        async with assert_no_leaks(), ds_trio.loop() as loop:
+            obj = Flusher(a)
+            fill_socket(a)
+            with open_rb(path) as f:
+                assert obj.write_file(f) is False
+            os.truncate(path, 1000)
+            drain_socket(b)
+            await wait_for(lambda: obj.sock is None)
+            loop.stop()
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"), [(-1, None), (0, -5), (1.5, None), (0, 2.0)]
+)
+async def test_write_file_rejects_bad_regions(
+    tmp_path: pathlib.Path, offset: Any, length: Any
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"abc")
+    a, b = socketpair()
+    with closing(a, b):
+        async with ds_trio.loop() as loop:
+            obj = Flusher(a)
+            with open_rb(path) as f, pytest.raises(ValueError, match="write_file"):
+                obj.write_file(f, offset, length)
+            obj.close()
+            loop.stop()

@@ -25,7 +25,11 @@ at the window's edges (``loadgen --server-pid PID,PID,...``), divided by the
 requests; p99 latency; how the connections were spread over the server's
 processes (the sockets each holds beyond its own, from /proc/PID/fd
 sampled every 0.1 s while loadgen runs, fullest sample).  Ratios
-are per round against ``asyncio`` (and ``trio``) from the same round.
+are per round against ``asyncio`` (and ``trio``) from the same round, and
+for a multi-process system against its one-process version (``ds_trio-W1``
+for the 2-worker daemons).  ``conns/process`` also shows connections the
+server had not accepted yet: a server that accepts one connection per
+wake-up under load leaves some of the 500 in the listen backlog for seconds.
 
 Part ``spread``: how many of 200 and 500 connections each of 2 and 4 daemon
 workers accepts, with (1) the shared inherited listening socket and (2)
@@ -82,6 +86,8 @@ class System:
     argv: tuple[str, ...]
     copies: int = 1
     workers: int = 0
+    # the one-process system this one is the multi-process version of
+    single: str | None = None
 
 
 def _daemon(workers: int, *extra: str, backend: str = "trio") -> tuple[str, ...]:
@@ -112,6 +118,7 @@ def systems_for(backend: str) -> dict[str, System]:
             "procs",
             py("asyncio_echo.py", "--reuseport"),
             copies=2,
+            single="asyncio",
         ),
         System("trio", "trio serve_tcp", "procs", py("trio_echo.py")),
         System(
@@ -120,6 +127,7 @@ def systems_for(backend: str) -> dict[str, System]:
             "procs",
             py("trio_echo.py", "--reuseport"),
             copies=2,
+            single="trio",
         ),
         System(
             "ds_trio-W1",
@@ -134,6 +142,7 @@ def systems_for(backend: str) -> dict[str, System]:
             "daemon",
             _daemon(2, backend=backend),
             workers=2,
+            single="ds_trio-W1",
         ),
         System(
             "ds_trio-W2-reuseport",
@@ -141,6 +150,7 @@ def systems_for(backend: str) -> dict[str, System]:
             "daemon",
             _daemon(2, "--reuseport", backend=backend),
             workers=2,
+            single="ds_trio-W1",
         ),
     )
     return {s.name: s for s in listed}
@@ -300,6 +310,7 @@ def pingpong(group: Group, conns: int, warmup: float, duration: float) -> Result
         f"--server-pid={','.join(map(str, group.pids))}",
         "--timeout=120",
     ]
+    before = {pid: socket_fds(pid) for pid in group.serving}
     meter = Meter(group)
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -310,7 +321,7 @@ def pingpong(group: Group, conns: int, warmup: float, duration: float) -> Result
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
-        sample = group.conns()
+        sample = group.conns(before)
         if sum(sample) >= sum(spread):
             spread = sample
     out, err = proc.communicate(timeout=180)
@@ -387,7 +398,7 @@ def describe(r: Result) -> str:
 def _spread(rs: Sequence[Result]) -> str:
     """The median round's connections per process, e.g. ``26/24``."""
     rounds = [r.conns for r in rs if r.conns and not r.error]
-    if not rounds or len(rounds[0]) < 2:
+    if not rounds:
         return DASH
     # the round whose least-loaded process is the median one
     rounds.sort(key=lambda c: c[-1])
@@ -411,6 +422,10 @@ def load_tables(
             rps = [r.rps for r in rs]
             cpu = [r.cpu_us for r in rs]
             others = [r.others for r in rs if r.others is not None]
+            single = results.get((s.single, c)) if s.single else None
+            per_process = (
+                per_round_ratio(cpu, [r.cpu_us for r in single]) if single else []
+            )
             rows.append(
                 [
                     s.label,
@@ -421,6 +436,7 @@ def load_tables(
                     fmt_range(per_round_ratio(rps, ref_a), ".2f"),
                     fmt_range(per_round_ratio(cpu, ref_a_cpu), ".2f"),
                     fmt_range(per_round_ratio(cpu, ref_t_cpu), ".2f"),
+                    fmt_range(per_process, ".2f"),
                     f"{max(others):.2f}" if others else DASH,
                 ]
             )
@@ -433,6 +449,7 @@ def load_tables(
             f"req/s {TIMES} asyncio",
             f"CPU {TIMES} asyncio",
             f"CPU {TIMES} trio",
+            f"CPU {TIMES} 1 process",
             "others' CPU (max)",
         ]
         parts.append(md_table(header, rows))

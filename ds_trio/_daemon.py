@@ -209,7 +209,8 @@ class Daemon:
         try:
             proc = subprocess.Popen(cmd, pass_fds=[*fds, read_end], env=env)
         except BaseException:
-            self._free_groups.append(group)
+            if group:
+                self._free_groups.append(group)
             os.close(write_end)
             raise
         finally:

@@ -19,6 +19,8 @@
  * /proc/PID/task/ * /schedstat, in ticks from /proc/PID/stat) is sampled at
  * the exact edges of the measured window: doing it here rather than in the
  * harness keeps pipe and scheduling delays out of the CPU-per-request figure.
+ * A server of several processes (a master and its workers) is given as a
+ * comma-separated list, or --server-pid repeated: its CPU time is the sum.
  *
  * The last line on stdout is one JSON object with the results; progress and
  * errors go to stderr.  Exit status 0 on success, 1 on any protocol error.
@@ -44,6 +46,7 @@
 #include <unistd.h>
 
 enum mode { PINGPONG, BULK, IDLE };
+#define MAX_PIDS 64
 enum state { CONNECTING, HELLO, READY, WAITING, FINAL, DONE };
 
 struct conn {
@@ -62,12 +65,13 @@ static struct {
 	double duration, warmup, hold, timeout;
 	size_t msg_size;
 	uint64_t bulk_size, bulk_total;
-	long server_pid;
+	long server_pid[MAX_PIDS];
+	int n_pids;
 	int max_inflight;
 } opt = {
 	.port = 0, .mode = PINGPONG, .conns = 1, .duration = 5.0,
 	.warmup = 1.0, .hold = 60.0, .timeout = 300.0, .msg_size = 64,
-	.bulk_size = 1 << 20, .bulk_total = 256ULL << 20, .server_pid = 0,
+	.bulk_size = 1 << 20, .bulk_total = 256ULL << 20, .n_pids = 0,
 	.max_inflight = 128,
 };
 
@@ -116,14 +120,14 @@ static void fail_errno(const char *what)
 
 /* Server CPU seconds from utime+stime in /proc/PID/stat (all threads, in
  * clock ticks: 10 ms on most kernels), or -1. */
-static double server_cpu_stat(void)
+static double server_cpu_stat(long pid)
 {
 	char path[64], buf[2048];
 	unsigned long long ut, st;
 	FILE *f;
 	char *p;
 	size_t n;
-	snprintf(path, sizeof(path), "/proc/%ld/stat", opt.server_pid);
+	snprintf(path, sizeof(path), "/proc/%ld/stat", pid);
 	f = fopen(path, "r");
 	if (!f)
 		return -1;
@@ -142,14 +146,14 @@ static double server_cpu_stat(void)
  * the first field of /proc/PID/task/TID/schedstat (time spent on a CPU).
  * A 256 MiB bulk run on the C server lasts ~0.1 s, i.e. ~10 clock ticks,
  * too coarse for a per-request figure; this is exact.  -1 if unavailable. */
-static double server_cpu_sched(void)
+static double server_cpu_sched(long pid)
 {
 	char path[320];
 	DIR *d;
 	struct dirent *e;
 	double total = 0;
 	int found = 0;
-	snprintf(path, sizeof(path), "/proc/%ld/task", opt.server_pid);
+	snprintf(path, sizeof(path), "/proc/%ld/task", pid);
 	d = opendir(path);
 	if (!d)
 		return -1;
@@ -159,7 +163,7 @@ static double server_cpu_sched(void)
 		if (e->d_name[0] == '.')
 			continue;
 		snprintf(path, sizeof(path), "/proc/%ld/task/%s/schedstat",
-			 opt.server_pid, e->d_name);
+			 pid, e->d_name);
 		f = fopen(path, "r");
 		if (!f)
 			continue;
@@ -176,9 +180,17 @@ static double server_cpu_sched(void)
 static struct cpu_sample server_cpu(void)
 {
 	struct cpu_sample s = {-1, -1};
-	if (opt.server_pid > 0) {
-		s.sched = server_cpu_sched();
-		s.stat = server_cpu_stat();
+	/* the sum over the server's processes; -1 if any cannot be read */
+	for (int i = 0; i < opt.n_pids; i++) {
+		double sched = server_cpu_sched(opt.server_pid[i]);
+		double stat = server_cpu_stat(opt.server_pid[i]);
+		if (i == 0) {
+			s.sched = sched;
+			s.stat = stat;
+			continue;
+		}
+		s.sched = (s.sched >= 0 && sched >= 0) ? s.sched + sched : -1;
+		s.stat = (s.stat >= 0 && stat >= 0) ? s.stat + stat : -1;
 	}
 	return s;
 }
@@ -548,7 +560,7 @@ static void usage(void)
 	fprintf(stderr,
 		"usage: loadgen --port P --mode pingpong|bulk|idle --conns C\n"
 		"  [--duration S] [--warmup S] [--msg-size B] [--bulk-size B]\n"
-		"  [--bulk-total B] [--hold S] [--timeout S] [--server-pid PID]\n"
+		"  [--bulk-total B] [--hold S] [--timeout S] [--server-pid PID[,PID...]]\n"
 		"  [--max-inflight N]\n");
 	exit(2);
 }
@@ -589,7 +601,16 @@ int main(int argc, char **argv)
 		case 't': opt.bulk_total = strtoull(optarg, NULL, 10); break;
 		case 'H': opt.hold = atof(optarg); break;
 		case 'T': opt.timeout = atof(optarg); break;
-		case 'P': opt.server_pid = atol(optarg); break;
+		case 'P':
+			for (char *tok = strtok(optarg, ","); tok;
+			     tok = strtok(NULL, ",")) {
+				long pid = atol(tok);
+				if (opt.n_pids == MAX_PIDS)
+					usage();
+				if (pid > 0)
+					opt.server_pid[opt.n_pids++] = pid;
+			}
+			break;
 		case 'i': opt.max_inflight = atoi(optarg); break;
 		default: usage();
 		}

@@ -222,7 +222,12 @@ def _inherit(fd: int) -> socket.socket:
 
 
 def _bind(
-    host: str | None, port: int | None, path: str | None, backlog: int
+    host: str | None,
+    port: int | None,
+    path: str | None,
+    backlog: int,
+    *,
+    reuseport: bool = False,
 ) -> list[socket.socket]:
     socks: list[socket.socket] = []
     try:
@@ -233,6 +238,10 @@ def _bind(
                 sock = socket.socket(family, type_, proto)
                 socks.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuseport:
+                    # before bind(): the daemon binds more sockets to this
+                    # address later, one per worker (_daemon.py)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 sock.bind(addr)

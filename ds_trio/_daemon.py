@@ -14,6 +14,12 @@ activation would) and a pipe whose EOF tells them the master died.  The
 master's own loop reaps them through the reaper supervisor (``awaitpid``)
 and handles its signals as loop callbacks.
 
+With ``--reuseport`` each worker gets its own listening socket per TCP
+address, all bound with ``SO_REUSEPORT``, so the kernel spreads new
+connections evenly over the workers (a hash of the connection's addresses)
+instead of the first worker to wake winning each one; see
+``docs/design.rst`` for the measurement and the trade-offs.
+
 Past one machine: run this daemon on N hosts behind an existing load
 balancer (HAProxy or nginx ``stream``), each host's sockets bound by systemd
 socket activation (``--systemd``); no home-made clustering.
@@ -131,6 +137,7 @@ class Daemon:
         workers: int = 1,
         backend: str = "trio",
         graceful_timeout: float = 30.0,
+        reuseport: bool = False,
     ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
@@ -141,6 +148,14 @@ class Daemon:
         self.workers = workers
         self.backend = backend
         self.graceful_timeout = graceful_timeout
+        # --reuseport: the TCP sockets bound with SO_REUSEPORT are split,
+        # one copy (a "group", one socket per address) per worker; the
+        # others (UNIX, or without the option) stay shared by all.
+        split = [s for s in self.sockets if reuseport and _is_reuseport(s)]
+        self._shared = [s for s in self.sockets if s not in split]
+        self._free_groups: list[list[socket.socket]] = [split] if split else []
+        self._split_addrs = [(s.family, s.getsockname()) for s in split]
+        self._groups: dict[int, list[socket.socket]] = {}
         self.children: dict[int, subprocess.Popen[bytes]] = {}
         self.quitting = 0
         self._parent_pipes: dict[int, int] = {}
@@ -174,8 +189,9 @@ class Daemon:
                 self._spawn()
 
     def _spawn(self) -> None:
+        group = self._take_group()
         read_end, write_end = os.pipe()
-        fds = [s.fileno() for s in self.sockets]
+        fds = [s.fileno() for s in (*self._shared, *group)]
         env = dict(os.environ)
         env[_ENV_FDS] = ",".join(map(str, fds))
         env[_ENV_PARENT] = str(read_end)
@@ -192,9 +208,16 @@ class Daemon:
         ]
         try:
             proc = subprocess.Popen(cmd, pass_fds=[*fds, read_end], env=env)
+        except BaseException:
+            if group:
+                self._free_groups.append(group)
+            os.close(write_end)
+            raise
         finally:
             os.close(read_end)
         self.children[proc.pid] = proc
+        if group:
+            self._groups[proc.pid] = group
         self._parent_pipes[proc.pid] = write_end
         awaitpid(proc.pid, self._on_exit)
         log.info(
@@ -208,6 +231,12 @@ class Daemon:
             os.close(write_end)
         if proc is not None:
             proc.returncode = proc.returncode if proc.returncode is not None else 0
+        group = self._groups.pop(pid, None)
+        if group is not None:
+            # A worker that died keeps its sockets open here: connections
+            # the kernel queued on them wait for its replacement, which
+            # inherits them, instead of being reset.
+            self._free_groups.append(group)
         if self.quitting:
             if not self.children and self._loop is not None:
                 self._loop.stop()
@@ -227,6 +256,8 @@ class Daemon:
             # their graceful shutdown closes them.
             for sock in self.sockets:
                 sock.close()
+            for group in (*self._groups.values(), *self._free_groups):
+                _close_all(group)
         for pid in list(self.children):
             os.kill(pid, signum)
         if not self.children and self._loop is not None:
@@ -260,7 +291,46 @@ class Daemon:
 
     def _retire(self, pid: int) -> None:
         self._retiring.add(pid)
+        # Its own sockets close now (here, and in the worker as its graceful
+        # shutdown starts) so that the kernel stops routing connections to
+        # them; connections already queued there are reset (SO_REUSEPORT's
+        # known cost, unless net.ipv4.tcp_migrate_req is set).
+        _close_all(self._groups.pop(pid, []))
         os.kill(pid, signal.SIGQUIT)
+
+    def _take_group(self) -> list[socket.socket]:
+        """The per-worker sockets for a new worker ([] without --reuseport)."""
+        if self._free_groups:
+            return self._free_groups.pop()
+        return [_rebind(family, addr) for family, addr in self._split_addrs]
+
+
+def _is_reuseport(sock: socket.socket) -> bool:
+    return sock.family in (socket.AF_INET, socket.AF_INET6) and bool(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+    )
+
+
+def _rebind(family: int, addr: Any) -> socket.socket:
+    """Another listening socket on ``addr`` (all bound with SO_REUSEPORT)."""
+    new = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        new.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            new.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        new.bind(addr)
+        new.listen(1024)
+    except OSError:
+        new.close()
+        raise
+    new.setblocking(False)
+    return new
+
+
+def _close_all(socks: Sequence[socket.socket]) -> None:
+    for sock in socks:
+        sock.close()
 
 
 def _backend_args(name: str) -> tuple[str, dict[str, Any]]:
@@ -297,6 +367,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("-W", "--workers", type=int, default=1)
     parser.add_argument("--systemd", action="store_true")
     parser.add_argument(
+        "--reuseport",
+        action="store_true",
+        help="one SO_REUSEPORT listening socket per worker (TCP only)",
+    )
+    parser.add_argument(
         "--backend", default="trio", choices=["trio", "asyncio", "uvloop"]
     )
     parser.add_argument("--graceful-timeout", type=float, default=30.0)
@@ -310,7 +385,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.app:
         parser.error("an app (module:callable) is required")
     try:
-        socks = bind_listen_args(args.listen) + (listen_fds() if args.systemd else [])
+        socks = bind_listen_args(args.listen, reuseport=args.reuseport) + (
+            listen_fds() if args.systemd else []
+        )
     except OSError as exc:
         log.error("no listeners bound: %s", exc)  # noqa: TRY400 - no traceback
         sys.exit(exc.errno or 1)
@@ -322,10 +399,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         workers=args.workers,
         backend=args.backend,
         graceful_timeout=args.graceful_timeout,
+        reuseport=args.reuseport,
     ).run()
 
 
-def bind_listen_args(listen: Sequence[str]) -> list[socket.socket]:
+def bind_listen_args(
+    listen: Sequence[str], *, reuseport: bool = False
+) -> list[socket.socket]:
     """Bind ``-l`` arguments: ``HOST:PORT``, ``[V6]:PORT`` or ``unix:/path``."""
     socks: list[socket.socket] = []
     for spec in listen:
@@ -333,7 +413,9 @@ def bind_listen_args(listen: Sequence[str]) -> list[socket.socket]:
             socks += _bind(None, None, spec[5:], 1024)
             continue
         host, _, port = spec.rpartition(":")
-        socks += _bind(host.strip("[]") or None, int(port), None, 1024)
+        socks += _bind(
+            host.strip("[]") or None, int(port), None, 1024, reuseport=reuseport
+        )
     return socks
 
 

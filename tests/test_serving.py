@@ -1451,7 +1451,11 @@ class RunningDaemon:
 
 @contextlib.contextmanager
 def daemon(
-    tmp_path: Path, app: str, workers: int, listen: str | None = None
+    tmp_path: Path,
+    app: str,
+    workers: int,
+    listen: str | None = None,
+    extra: tuple[str, ...] = (),
 ) -> Iterator[RunningDaemon]:
     """``python -m ds_trio._daemon APP -l LISTEN -W N`` (default: a free port)."""
     for name, source in READY_APPS.items():
@@ -1462,7 +1466,7 @@ def daemon(
         p for p in (str(tmp_path), str(REPO), env.get("PYTHONPATH")) if p
     )
     cmd = [sys.executable, "-m", "ds_trio._daemon", app]
-    cmd += ["-l", listen or f"{LOCALHOST}:{port}", "-W", str(workers)]
+    cmd += ["-l", listen or f"{LOCALHOST}:{port}", "-W", str(workers), *extra]
     seen_children: set[int] = set()
     with child_process(cmd, env=env, stderr=subprocess.PIPE, cwd=tmp_path) as proc:
         running = RunningDaemon(proc, port, cmd, env)
@@ -1486,6 +1490,9 @@ def test_daemon_workers_serve_echo(tmp_path: Path) -> None:
     with daemon(tmp_path, "ds_trio.examples.echo:make_post_accept", 2) as d:
         wait_workers_started(d, 2)
         assert len(d.children()) == 2
+        # without --reuseport: one listening socket, shared by both workers
+        (listener,) = listening_inodes(d.port)
+        assert listeners_by_worker(d) == {pid: {listener} for pid in d.children()}
         for i in range(5):
             assert d.echo(b"line %d\n" % i) == b"line %d\n" % i
 
@@ -1694,3 +1701,132 @@ def test_daemon_spreads_connections_over_two_workers(tmp_path: Path) -> None:
         # 400 at worst).  So this only checks that both workers take part.
         pooled = {pid: counts[pid] + sequential[pid] for pid in ready}
         assert all(n >= 10 for n in pooled.values()), (counts, sequential)
+
+
+# --reuseport: one SO_REUSEPORT listening socket per worker
+
+
+def seen_lines(d: RunningDaemon, pattern: str, n: int) -> None:
+    """Wait until ``n`` lines matching ``pattern`` were logged in all (lines
+    that an earlier ``expect`` skipped count too)."""
+    while d.log.count(pattern) < n:
+        d.log.expect(pattern)
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on 127.0.0.1:port (/proc/net/tcp)."""
+    inodes = set()
+    with open("/proc/net/tcp", encoding="ascii") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local_port = int(fields[1].split(":")[1], 16)
+            if local_port == port and fields[3] == "0A":  # TCP_LISTEN
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def socket_inodes(pid: int) -> set[int]:
+    """Inodes of the sockets ``pid`` holds open."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                inodes.add(int(link[8:-1]))
+    return inodes
+
+
+def listeners_by_worker(d: RunningDaemon) -> dict[int, set[int]]:
+    """Each worker's listening sockets on the daemon's port."""
+    listening = listening_inodes(d.port)
+    return {pid: socket_inodes(pid) & listening for pid in d.children()}
+
+
+def one_each(d: RunningDaemon, n: int) -> dict[int, int]:
+    """With ``n`` workers, each holds exactly one listener of its own and no
+    other listening socket exists on the port: worker -> its inode."""
+    by_worker = listeners_by_worker(d)
+    assert len(by_worker) == n
+    assert all(len(inodes) == 1 for inodes in by_worker.values()), by_worker
+    mine = {pid: min(inodes) for pid, inodes in by_worker.items()}
+    assert len(set(mine.values())) == n  # all different
+    assert listening_inodes(d.port) == set(mine.values())  # no orphan
+    return mine
+
+
+def all_echo(d: RunningDaemon, n: int) -> None:
+    """``n`` concurrent connections, every one answered (a listener nobody
+    accepts on would leave some hanging until the client's timeout)."""
+    clients = [blocking_client(d.port) for _ in range(n)]
+    try:
+        for i, client in enumerate(clients):
+            assert sync_round_trip(client, b"c%d\n" % i) == b"c%d\n" % i
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_daemon_reuseport_gives_each_worker_its_own_socket_and_spreads(
+    tmp_path: Path,
+) -> None:
+    with daemon(tmp_path, "pidapp:make_post_accept", 2, extra=("--reuseport",)) as d:
+        wait_workers_started(d, 2)
+        seen_lines(d, r"^READY", 2)
+        ready = {int(line.split()[1]) for line in d.log.seen if line[:6] == "READY "}
+        assert set(one_each(d, 2)) == ready
+        # The kernel picks the socket from a hash of each connection's
+        # addresses: 200 connections split about evenly (with a fair coin,
+        # fewer than 50 of 200 on one side has a probability near 1e-12),
+        # even though none waits for the other worker to be busy.
+        clients = [blocking_client(d.port) for _ in range(200)]
+        counts = dict.fromkeys(ready, 0)
+        try:
+            for client in clients:
+                counts[int(sync_recv_exactly(client, 32).split()[0])] += 1
+        finally:
+            for client in clients:
+                client.close()
+        assert all(n >= 50 for n in counts.values()), counts
+
+
+def test_daemon_reuseport_respawned_worker_inherits_the_dead_ones_socket(
+    tmp_path: Path,
+) -> None:
+    with daemon(tmp_path, "readyecho:make_post_accept", 2, extra=("--reuseport",)) as d:
+        wait_workers_started(d, 2)
+        seen_lines(d, r"^READY", 2)
+        before = one_each(d, 2)
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        d.log.expect(rf"worker {victim} exited")
+        seen_lines(d, r"^READY", 3)  # the replacement's app is loaded
+        after = one_each(d, 2)
+        (newcomer,) = set(after) - set(before)
+        # The master kept the dead worker's socket open, so connections
+        # queued on it waited for the replacement instead of being reset.
+        assert after[newcomer] == before[victim]
+        all_echo(d, 50)
+
+
+def test_daemon_reuseport_sigttou_closes_the_retired_workers_socket(
+    tmp_path: Path,
+) -> None:
+    with daemon(tmp_path, "readyecho:make_post_accept", 2, extra=("--reuseport",)) as d:
+        wait_workers_started(d, 2)
+        seen_lines(d, r"^READY", 2)
+        two = one_each(d, 2)
+        os.kill(d.proc.pid, signal.SIGTTOU)
+        d.log.expect(r"worker \d+ retired")
+        # No listener is left that nobody accepts on: the kernel would keep
+        # routing a share of the connections to it.
+        poll_until(lambda: len(listening_inodes(d.port)) == 1)
+        (kept,) = one_each(d, 1).items()
+        assert kept in two.items()
+        all_echo(d, 50)
+
+        os.kill(d.proc.pid, signal.SIGTTIN)
+        d.log.expect(r"worker \d+ started \(2 of 2\)")
+        seen_lines(d, r"^READY", 3)
+        poll_until(lambda: len(listeners_by_worker(d)) == 2)
+        assert one_each(d, 2)[kept[0]] == kept[1]
+        all_echo(d, 50)

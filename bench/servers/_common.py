@@ -38,14 +38,22 @@ _ZEROS = memoryview(bytes(BULK_CHUNK))
 _BULK_PREFIX = b"bulk "
 
 
-def parse_args(description: str, *, backends: Sequence[str] = ()) -> argparse.Namespace:
-    """Parse ``PORT [--backend NAME]`` (``--backend`` only if *backends*)."""
+def parse_args(
+    description: str, *, backends: Sequence[str] = (), reuseport: bool = False
+) -> argparse.Namespace:
+    """Parse ``PORT [--backend NAME] [--reuseport]`` (``--backend`` only if
+    *backends*, ``--reuseport`` only if *reuseport*)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "port", type=int, help="TCP port on 127.0.0.1 (0: any free port)"
     )
     if backends:
         parser.add_argument("--backend", choices=list(backends), default=backends[0])
+    if reuseport:
+        # bench/workers.py starts several such processes on one port
+        parser.add_argument(
+            "--reuseport", action="store_true", help="bind with SO_REUSEPORT"
+        )
     return parser.parse_args()
 
 

@@ -6,7 +6,9 @@ transport buffers what the socket does not take.  Flow control is the
 documented pattern: when the transport says its buffer is full
 (``pause_writing``), stop reading until it drained (``resume_writing``).
 
-Usage: ``python bench/servers/asyncio_echo.py PORT [--backend asyncio|uvloop]``
+Usage: ``python bench/servers/asyncio_echo.py PORT [--backend asyncio|uvloop]
+[--reuseport]`` (``--reuseport``: bind with ``SO_REUSEPORT``, so that several
+such processes share the port, as bench/workers.py runs them).
 """
 
 from __future__ import annotations
@@ -50,10 +52,15 @@ class EchoProtocol(asyncio.Protocol):
         self.transport = None
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, reuseport: bool = False) -> None:
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        EchoProtocol, "127.0.0.1", port, backlog=1024, reuse_address=True
+        EchoProtocol,
+        "127.0.0.1",
+        port,
+        backlog=1024,
+        reuse_address=True,
+        reuse_port=reuseport or None,
     )
     ready(server.sockets[0].getsockname()[1])
     async with server:
@@ -61,15 +68,15 @@ async def serve(port: int) -> None:
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "", backends=("asyncio", "uvloop"))
+    args = parse_args(__doc__ or "", backends=("asyncio", "uvloop"), reuseport=True)
     raise_nofile_limit()
     if args.backend == "uvloop":
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(args.port))
+            runner.run(serve(args.port, args.reuseport))
     else:
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, args.reuseport))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,19 @@ request order).  ``bulk N`` is written through ``write()``: what the socket
 does not take goes to a spill file and leaves with ``sendfile``.
 
 Usage: ``python bench/servers/ds_trio_echo.py PORT [--backend trio|asyncio|uvloop]``
+
+Under the worker-process daemon (bench/workers.py), with bench/servers on
+``PYTHONPATH``: ``python -m ds_trio._daemon ds_trio_echo:make_post_accept
+-l 127.0.0.1:PORT -W N``; each process says ``READY <pid>`` on stdout once
+its factory ran.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -68,6 +75,18 @@ class Listener(DS):
             return
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         Client(conn)
+
+
+def make_post_accept() -> Callable[[socket.socket, object, socket.socket], None]:
+    """The daemon's app factory: one call per worker process."""
+    raise_nofile_limit()
+    # one write(): the workers share the master's stdout
+    os.write(1, b"READY %d\n" % os.getpid())
+
+    def post_accept(sock: socket.socket, _addr: object, _lsock: socket.socket) -> None:
+        Client(sock)  # ds_trio.Listener set TCP_NODELAY already
+
+    return post_accept
 
 
 async def serve(port: int) -> None:

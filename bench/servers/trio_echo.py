@@ -4,7 +4,9 @@ Idiomatic trio: one task per connection, ``receive_some`` then
 ``send_all``; ``send_all`` returns only once the kernel took every byte, so
 back-pressure is implicit and no user-space output buffer exists.
 
-Usage: ``python bench/servers/trio_echo.py PORT``
+Usage: ``python bench/servers/trio_echo.py PORT [--reuseport]``
+(``--reuseport``: bind with ``SO_REUSEPORT``, so that several such processes
+share the port, as bench/workers.py runs them).
 """
 
 from __future__ import annotations
@@ -39,16 +41,25 @@ async def handle(stream: trio.SocketStream) -> None:
             pass
 
 
-async def serve(port: int) -> None:
-    listeners = await trio.open_tcp_listeners(port, host="127.0.0.1", backlog=1024)
+async def serve(port: int, reuseport: bool = False) -> None:
+    if reuseport:
+        # open_tcp_listeners has no SO_REUSEPORT: bind by hand
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEADDR, 1)
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_REUSEPORT, 1)
+        await sock.bind(("127.0.0.1", port))
+        sock.listen(1024)
+        listeners = [trio.SocketListener(sock)]
+    else:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1", backlog=1024)
     ready(listeners[0].socket.getsockname()[1])
     await trio.serve_listeners(handle, listeners)
 
 
 def main() -> None:
-    args = parse_args(__doc__ or "")
+    args = parse_args(__doc__ or "", reuseport=True)
     raise_nofile_limit()
-    trio.run(serve, args.port)
+    trio.run(serve, args.port, args.reuseport)
 
 
 if __name__ == "__main__":

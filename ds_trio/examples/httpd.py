@@ -58,7 +58,9 @@ ENV_ROOT, ENV_CERT, ENV_KEY = (
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]")
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")  # more digits: absurd, and int()
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # would raise past 4300 of them
 _REASONS = {
     100: "Continue",
     200: "OK",
@@ -202,7 +204,7 @@ class HTTPClient(DS):
                 raise BadRequest  # HTTP.pm: only exactly "chunked"; no smuggling
             self.chunk_state = "size"
         elif cl is not None:
-            if not (cl.isascii() and cl.isdigit()):
+            if not _CONTENT_LENGTH.fullmatch(cl):
                 raise BadRequest
             self.body_left = int(cl)
         has_body = self.chunk_state is not None or self.body_left > 0
@@ -247,10 +249,9 @@ class HTTPClient(DS):
                 self.chunk_state = "size"
             elif self.chunk_state == "size":
                 size = line.split(b";", 1)[0].strip()
-                try:
-                    self.body_left = int(size, 16)
-                except ValueError:
-                    raise BadRequest from None
+                if not _CHUNK_SIZE.fullmatch(size):
+                    raise BadRequest
+                self.body_left = int(size, 16)
                 self.chunk_state = "data" if self.body_left else "trailer"
             elif not line:  # the blank line after the trailer section
                 self.chunk_state = None
@@ -417,11 +418,21 @@ def _parse_range(spec: str, size: int) -> tuple[int, int] | None:
     if m is None or not (m[1] or m[2]):
         return None
     if not m[1]:  # suffix range: the last N bytes
-        n = int(m[2])
+        n = _position(m[2], size)
         return (max(size - n, 0), size) if n and size else None
-    start = int(m[1])
-    end = min(int(m[2]) + 1, size) if m[2] else size
+    start = _position(m[1], size)
+    end = min(_position(m[2], size) + 1, size) if m[2] else size
     return (start, end) if start < size and start < end else None
+
+
+def _position(digits: str, size: int) -> int:
+    """A byte position; past the file's size it is only "beyond the end".
+
+    int() of thousands of digits raises (and costs quadratic time), so any
+    number longer than the size's own digits is treated as size + 1.
+    """
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(size)) else size + 1
 
 
 def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

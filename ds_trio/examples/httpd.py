@@ -60,7 +60,7 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]")
 _RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")  # more digits: absurd, and int()
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # would raise past 4300 of them
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # int(b"-1", 16) is valid Python
 _REASONS = {
     100: "Continue",
     200: "OK",

@@ -534,6 +534,38 @@ async def test_endless_chunk_lines_are_refused(
     assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
 
 
+async def test_file_shrinking_mid_response_closes_the_connection(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The promised Content-Length cannot be kept: close, do not hang."""
+    victim = root / "shrinks.bin"
+    size = 16 * 1024 * 1024  # more than the socket buffers hold
+    victim.write_bytes(b"z" * size)
+
+    def client(addr: Addr) -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        with sock:
+            sock.connect(addr)
+            sock.sendall(b"GET /shrinks.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = bytearray(sock.recv(4096))
+            os.truncate(victim, 1000)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    data += chunk
+            return bytes(data)
+
+    async with serving(root) as addr:
+        answer = await in_thread(lambda: client(addr))
+        await wait_for(lambda: not live_clients())
+        assert not open_files_named("shrinks.bin")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert f"Content-Length: {size}".encode() in head
+    assert 0 < len(body) < size
+    no_errors_logged(caplog)
+
+
 def live_clients() -> list[HTTPClient]:
     loop = ds_trio.current_loop()
     return [o for o in loop.descriptor_map.values() if isinstance(o, HTTPClient)]

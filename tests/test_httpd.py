@@ -34,12 +34,15 @@ import trio.testing
 import trustme
 
 import ds_trio
+import ds_trio.testing
 from ds_trio.examples.httpd import (
     HTTPClient,
     _parse_range,
     _tls_context,
     make_post_accept,
 )
+
+from .helpers import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -66,6 +69,7 @@ def root(tmp_path: Path) -> Path:
     (served / "empty").mkdir()
     (served / "link-out").symlink_to(tmp_path / "secret.txt")
     (served / "linkdir").symlink_to(tmp_path)
+    (served / "link-in").symlink_to(served / "sub" / "index.html")
     return served
 
 
@@ -214,6 +218,57 @@ async def test_range_206_and_416(root: Path) -> None:
         await in_thread(lambda: client(addr))
 
 
+async def test_absurd_range_headers_on_one_connection(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    big = (root / "big.bin").read_bytes()
+    huge = "9" * 5000  # int() of this raises ValueError on Python >= 3.11
+    cases = [
+        (f"bytes={huge}-", 416, b""),
+        (f"bytes=0-{huge}", 206, big),
+        (f"bytes=-{huge}", 206, big),
+        (f"bytes=00000000000000000000000000{BIG - 2}-", 206, big[-2:]),
+        ("bytes=5-1", 416, b""),
+        ("bytes=-0", 416, b""),
+        ("bytes=-", 416, b""),
+        ("bytes=--1", 200, big),  # malformed: ignored
+        ("bytes=\u00b2-", 200, big),  # not an ASCII digit: ignored
+        ("items=0-1", 200, big),  # unknown unit: ignored
+        ("bytes=0-0", 206, big[:1]),
+        ("bytes=" + ",".join(["0-0"] * 1000), 200, big),  # many ranges: whole file
+    ]
+
+    def client(addr: Addr) -> None:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        sock = None
+        for rng, status, body in cases:
+            conn.request("GET", "/big.bin", headers={"Range": rng})
+            resp = conn.getresponse()
+            got = resp.read()
+            assert resp.status == status, rng[:40]
+            if status != 416:
+                assert got == body, rng[:40]
+            sock = sock or conn.sock
+            assert conn.sock is sock  # no answer closed the connection
+        conn.close()
+
+    async with serving(root) as addr:
+        await in_thread(lambda: client(addr))
+        await wait_for(lambda: not live_clients())
+        # Every file opened for a range answer was closed again.
+        assert not open_files_named("big.bin")
+    no_errors_logged(caplog)
+
+
+def deleted_files() -> set[str]:
+    """Unlinked files this process holds open (spill files show so)."""
+    return {t for t in ds_trio.testing.open_fds().values() if "(deleted)" in t}
+
+
+def open_files_named(name: str) -> list[str]:
+    return [t for t in ds_trio.testing.open_fds().values() if t.endswith("/" + name)]
+
+
 def test_parse_range() -> None:
     assert _parse_range("bytes=0-9", 100) == (0, 10)
     assert _parse_range("bytes=90-200", 100) == (90, 100)
@@ -222,6 +277,10 @@ def test_parse_range() -> None:
     assert _parse_range("bytes=100-", 100) is None
     assert _parse_range("bytes=-0", 100) is None
     assert _parse_range("bytes=0-0", 0) is None
+    assert _parse_range("bytes=" + "9" * 5000 + "-", 100) is None
+    assert _parse_range("bytes=0-" + "9" * 5000, 100) == (0, 100)
+    assert _parse_range("bytes=-" + "9" * 5000, 100) == (0, 100)
+    assert _parse_range("bytes=0099-", 100) == (99, 100)
 
 
 async def test_request_bodies_are_read_and_discarded(root: Path) -> None:
@@ -356,6 +415,158 @@ async def test_premature_disconnect_during_a_large_response(
     no_errors_logged(caplog)
 
 
+async def test_client_that_never_reads_stops_being_read_and_served(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelined downloads nobody reads: one response at a time, bounded.
+
+    The server parses the next request only once the previous response
+    drained, so it starts no second response and stops reading the socket
+    (the client's sends hit EAGAIN); other clients are served meanwhile, and
+    closing the never-reader releases its file and any spill file.
+    """
+    caplog.set_level(logging.INFO, logger="ds_trio.examples.httpd")
+    request = b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n"
+    deleted_before = deleted_files()
+
+    def flood(sock: socket.socket) -> int:
+        sock.setblocking(False)
+        sent = 0
+        with contextlib.suppress(BlockingIOError):
+            while sent < 64 * 1024 * 1024:
+                sent += sock.send(request * 1000)
+        return sent
+
+    def fine(addr: Addr) -> None:
+        conn = http.client.HTTPConnection(*addr, timeout=10)
+        for _ in range(2):
+            conn.request("GET", "/big.bin")
+            assert len(conn.getresponse().read()) == BIG
+        conn.close()
+
+    def started_for(port: int) -> int:
+        return sum(
+            f"127.0.0.1:{port} GET /big.bin 200" in r.getMessage()
+            for r in caplog.records
+        )
+
+    async with serving(root) as addr:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        sock.connect(addr)
+        port = sock.getsockname()[1]
+        try:
+            # 64 MiB of requests would be ~1.7 million responses; a server
+            # reading on regardless would take them all, and log more
+            # started responses below.
+            assert await in_thread(lambda: flood(sock)) < 64 * 1024 * 1024
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(in_thread, lambda: fine(addr))
+            # The kernel's loopback buffers (the server's send buffer grows to
+            # 4 MiB) may swallow a whole 3 MiB response, never a third one.
+            assert 1 <= started_for(port) <= 2
+            mine = [c for c in live_clients() if c.peer.endswith(f":{port}")]
+            assert len(mine) == 1
+            assert mine[0].stream is not None  # mid-response, waiting for us
+            assert mine[0].wbuf
+        finally:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+            sock.close()
+        await wait_for(lambda: not live_clients())
+        assert not open_files_named("big.bin")
+        assert deleted_files() <= deleted_before
+    no_errors_logged(caplog)
+
+
+async def test_chunked_body_and_pipelined_requests_across_writes(root: Path) -> None:
+    """Bytes after a chunked body, and half a request, wait for their turn.
+
+    httpd-corner.t: a chunked body whose end shares one write with the next
+    request, and "a request, then the first bytes of the next" whose rest
+    comes after the first response.
+    """
+
+    def client(addr: Addr) -> None:
+        with connect(addr) as sock, sock.makefile("rb") as f:
+            sock.sendall(
+                b"GET /small.txt HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\na\r\n"
+            )
+            sock.sendall(b"0123456789\r\n0\r\n\r\nGET /sub/ HTTP/1.1\r\n\r\nGE")
+            assert read_response(f)[::2] == (200, b"hello, world\n")
+            assert read_response(f)[::2] == (200, b"<h1>index</h1>\n")
+            sock.sendall(b"T /small.txt HTTP/1.0\r\n\r\n")
+            assert read_response(f)[::2] == (200, b"hello, world\n")
+            assert f.read() == b""
+
+    async with serving(root) as addr:
+        await in_thread(lambda: client(addr))
+
+
+@pytest.mark.parametrize(
+    ("head", "endless"),
+    [
+        # httpd-corner.t's chunk-header DoS: a chunk-size line that never ends.
+        (b"", b"ffffffff"),
+        # ... and the chunk-trailer DoS: CRs where a chunk's CRLF belongs.
+        (b"1\r\na", b"\r" * 8),
+    ],
+    ids=["chunk-size", "chunk-crlf"],
+)
+async def test_endless_chunk_lines_are_refused(
+    root: Path, head: bytes, endless: bytes
+) -> None:
+    def client(addr: Addr) -> bytes:
+        with connect(addr) as sock:
+            sock.sendall(
+                b"PUT /small.txt HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + head
+            )
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                for _ in range(1_000_000):  # 8 MB; the caps are 256 and 2 bytes
+                    sock.sendall(endless)
+                pytest.fail("the server kept reading an endless chunk line")
+            with contextlib.suppress(ConnectionResetError):
+                return sock.recv(100)
+            return b""
+
+    async with serving(root) as addr:
+        answer = await in_thread(lambda: client(addr))
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
+
+
+async def test_file_shrinking_mid_response_closes_the_connection(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The promised Content-Length cannot be kept: close, do not hang."""
+    victim = root / "shrinks.bin"
+    size = 16 * 1024 * 1024  # more than the socket buffers hold
+    victim.write_bytes(b"z" * size)
+
+    def client(addr: Addr) -> bytes:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(10)
+        with sock:
+            sock.connect(addr)
+            sock.sendall(b"GET /shrinks.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            data = bytearray(sock.recv(4096))
+            os.truncate(victim, 1000)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := sock.recv(65536):
+                    data += chunk
+            return bytes(data)
+
+    async with serving(root) as addr:
+        answer = await in_thread(lambda: client(addr))
+        await wait_for(lambda: not live_clients())
+        assert not open_files_named("shrinks.bin")
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert f"Content-Length: {size}".encode() in head
+    assert 0 < len(body) < size
+    no_errors_logged(caplog)
+
+
 def live_clients() -> list[HTTPClient]:
     loop = ds_trio.current_loop()
     return [o for o in loop.descriptor_map.values() if isinstance(o, HTTPClient)]
@@ -398,6 +609,9 @@ async def test_huge_request_line_and_endless_headers_while_others_are_served(
         tg.start_soon(in_thread, lambda: others(addr))
 
 
+CHUNKED = b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status"),
     [
@@ -410,6 +624,11 @@ async def test_huge_request_line_and_endless_headers_while_others_are_served(
         (b"GET / HTTP/1.1\r\nTransfer-Encoding: bogus\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nSpaced-Out : 3\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        # Numbers int() refuses (over 4300 digits) or that are no ASCII digits.
+        (b"GET / HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", 400),
+        (CHUNKED + b"f" * 17 + b"\r\n", 400),
+        (CHUNKED + b"-1\r\n", 400),
     ],
 )
 async def test_malformed_requests(
@@ -450,10 +669,16 @@ async def test_path_traversal_never_leaks_a_byte(root: Path) -> None:
 
     async with serving(root) as addr:
         answers = await in_thread(lambda: client(addr))
+        answer_inside = await in_thread(
+            lambda: raw_exchange(addr, b"GET /link-in HTTP/1.0\r\n\r\n")
+        )
     for path, answer in zip(ESCAPES, answers, strict=True):
         assert SECRET not in answer, path
         status = int(answer.split(b" ", 2)[1])
         assert 400 <= status < 500, (path, answer[:40])
+    # A symlink that stays inside the root is followed; the refusals above are
+    # about leaving the root, not about symlinks.
+    assert answer_inside.endswith(b"\r\n\r\n<h1>index</h1>\n")
 
 
 # ----------------------------------------------------------------------

@@ -9,9 +9,11 @@ read only once it is gone (backpressure: a pipelining client that never
 reads its responses stops being read), parse one request from ``rbuf``,
 read and discard its body, answer it, and queue ``_next_request`` behind the
 response so the next pipelined request is parsed only after the previous
-response has drained.  Files are streamed by a queued callable that
-``pread``s one chunk, writes it and re-queues itself (``getline_pull``), so
-a slow client costs one chunk in a spill file, never the whole file.
+response has drained.  Files are streamed by a queued callable that sends
+one piece and re-queues itself (``getline_pull``): on plain sockets an
+``os.sendfile`` of what the socket takes (then it waits for ``EPOLLOUT``),
+over TLS a ``pread`` chunk through ``write``, so a slow client costs at most
+one chunk in a spill file, never the whole file.
 
 Choices: ``Range`` with several ranges is answered with the whole file
 (200), as RFC 9110 allows a server to ignore ``Range``; directories are
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import errno
 import logging
 import mimetypes
 import os
@@ -39,7 +42,7 @@ from collections.abc import Callable
 import anyio
 
 import ds_trio
-from ds_trio import DS, EPOLLIN, EPOLLONESHOT
+from ds_trio import DS, EPOLLIN, EPOLLONESHOT, EPOLLOUT
 
 __all__ = ["HTTPClient", "main", "make_post_accept", "serve"]
 
@@ -48,7 +51,8 @@ log = logging.getLogger("ds_trio.examples.httpd")
 MAX_REQUEST_LINE = 8192  # longer → 414
 MAX_HEADER = 16384  # unfinished header longer than this → 400 (HTTP.pm's 0x4000)
 MAX_CHUNK_LINE = 256  # chunk-size line cap (HTTP.pm), against endless hex
-CHUNK = 65536  # bytes pread per streaming step
+CHUNK = 65536  # bytes pread per streaming step (TLS)
+SENDFILE_CHUNK = 1 << 20  # bytes offered to one sendfile() (plain TCP/UNIX)
 ENV_ROOT, ENV_CERT, ENV_KEY = (
     "DS_TRIO_HTTPD_ROOT",
     "DS_TRIO_HTTPD_CERT",
@@ -58,7 +62,9 @@ ENV_ROOT, ENV_CERT, ENV_KEY = (
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _VERSION = re.compile(rb"HTTP/1\.[0-9]")
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]*)-([0-9]*)")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")  # more digits: absurd, and int()
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")  # int(b"-1", 16) is valid Python
 _REASONS = {
     100: "Continue",
     200: "OK",
@@ -138,6 +144,9 @@ class HTTPClient(DS):
         self.responding = False  # from response start until it drained
         self.keep = False
         self.stream: tuple[int, int, int] | None = None  # (fd, offset, end)
+        # Plain sockets get file bytes by sendfile(): no copy through Python
+        # and no spill file, since it sends only what the socket takes.
+        self.use_sendfile = tls is None
         self.update_idle_time()
         if tls is not None:
             # The handshake is driven by flush_write at the top of event_step.
@@ -202,7 +211,7 @@ class HTTPClient(DS):
                 raise BadRequest  # HTTP.pm: only exactly "chunked"; no smuggling
             self.chunk_state = "size"
         elif cl is not None:
-            if not (cl.isascii() and cl.isdigit()):
+            if not _CONTENT_LENGTH.fullmatch(cl):
                 raise BadRequest
             self.body_left = int(cl)
         has_body = self.chunk_state is not None or self.body_left > 0
@@ -247,10 +256,9 @@ class HTTPClient(DS):
                 self.chunk_state = "size"
             elif self.chunk_state == "size":
                 size = line.split(b";", 1)[0].strip()
-                try:
-                    self.body_left = int(size, 16)
-                except ValueError:
-                    raise BadRequest from None
+                if not _CHUNK_SIZE.fullmatch(size):
+                    raise BadRequest
+                self.body_left = int(size, 16)
                 self.chunk_state = "data" if self.body_left else "trailer"
             elif not line:  # the blank line after the trailer section
                 self.chunk_state = None
@@ -360,10 +368,45 @@ class HTTPClient(DS):
         log.info("%s %s %s %d %d", self.peer, method, path, status, nbytes)
 
     def _pull(self, _obj: object) -> None:
-        """Send one chunk of the file, then queue itself behind it."""
+        """Send one piece of the file, then queue itself behind it."""
         if self.stream is None or self.sock is None:
             return
         fd, offset, end = self.stream
+        blocked = False
+        if self.use_sendfile:
+            want = min(SENDFILE_CHUNK, end - offset)
+            try:
+                sent = os.sendfile(self.sock.fileno(), fd, offset, want)
+            except BlockingIOError:
+                sent, blocked = 0, True
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                    self.close()  # the peer is gone (EPIPE, ECONNRESET)
+                    return
+                self.use_sendfile = False  # not for this socket: pread below
+                sent = -1
+            else:
+                if not sent:  # the file shrank: the promised length is lost
+                    self.close()
+                    return
+                # Less than offered: the socket is full; wait, do not retry.
+                blocked = sent < want
+        else:
+            sent = -1
+        if sent < 0:
+            self._pull_pread(fd, offset, end)
+            return
+        offset += sent
+        self.stream = (fd, offset, end)
+        self.update_idle_time()  # a slow download is activity, not idleness
+        if offset >= end:
+            self._close_stream()
+            self._response_done()
+            return
+        self._pull_again(EPOLLOUT if blocked else 0)
+
+    def _pull_pread(self, fd: int, offset: int, end: int) -> None:
+        """The TLS way: pread one chunk and write it (it may spill)."""
         try:
             data = os.pread(fd, min(CHUNK, end - offset), offset)
         except OSError as exc:
@@ -374,7 +417,7 @@ class HTTPClient(DS):
             return
         offset += len(data)
         self.stream = (fd, offset, end)
-        self.update_idle_time()  # a slow download is activity, not idleness
+        self.update_idle_time()
         self.write(data)
         if self.sock is None:
             return
@@ -382,16 +425,24 @@ class HTTPClient(DS):
             self._close_stream()
             self._response_done()
             return
+        self._pull_again(0)
+
+    def _pull_again(self, wait: int) -> None:
         # HTTP.pm's getline_pull: go on after what is queued drains; when
-        # nothing is (the chunk went out whole) requeue ourselves, since
-        # write() arranged no wake-up.  Append to the existing deque:
-        # flush_write may be holding it (empty) while it runs us.
+        # nothing is, arrange the wake-up ourselves, as write() did not:
+        # writability after a full socket, else the next loop round.
+        # Append to the existing deque: flush_write may be holding it
+        # (empty) while it runs us.
         queue = self.wbuf
         if queue is None:
             queue = self.wbuf = deque()
         idle = not queue
         queue.append(self._pull)
-        if idle:
+        if not idle:
+            return
+        if wait:
+            self.epwait(self.epbit(wait | EPOLLONESHOT))
+        else:
             self.requeue()
 
     def _close_stream(self) -> None:
@@ -417,11 +468,21 @@ def _parse_range(spec: str, size: int) -> tuple[int, int] | None:
     if m is None or not (m[1] or m[2]):
         return None
     if not m[1]:  # suffix range: the last N bytes
-        n = int(m[2])
+        n = _position(m[2], size)
         return (max(size - n, 0), size) if n and size else None
-    start = int(m[1])
-    end = min(int(m[2]) + 1, size) if m[2] else size
+    start = _position(m[1], size)
+    end = min(_position(m[2], size) + 1, size) if m[2] else size
     return (start, end) if start < size and start < end else None
+
+
+def _position(digits: str, size: int) -> int:
+    """A byte position; past the file's size it is only "beyond the end".
+
+    int() of thousands of digits raises (and costs quadratic time), so any
+    number longer than the size's own digits is treated as size + 1.
+    """
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= len(str(size)) else size + 1
 
 
 def _tls_context(cert: str | None, key: str | None) -> ssl.SSLContext | None:

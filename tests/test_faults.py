@@ -32,6 +32,7 @@ import socket
 import ssl
 import struct
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -912,3 +913,130 @@ async def test_spill_write_failure_drops_only_that_client(
     expected = errno.EFBIG if fault == "EFBIG" else errno.ENOSPC
     assert all(os.strerror(expected) in d for d in drops), drops
     finish(row)
+
+
+# ----------------------------------------------------------------------
+# 4. Signal (EINTR) storms while echo traffic flows
+# ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sigalrm_every_millisecond(counter: list[int]) -> Iterator[None]:
+    """ITIMER_REAL at 1 ms with a Python handler; the old timer comes back."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        counter[0] += 1
+
+    previous = signal.signal(signal.SIGALRM, handler)
+    # pytest-timeout may have its own ITIMER_REAL running: keep what is left.
+    old_delay, old_interval = signal.setitimer(signal.ITIMER_REAL, 0.001, 0.001)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, old_delay, old_interval)
+
+
+@contextlib.contextmanager
+def sigusr1_from_a_thread() -> Iterator[list[int]]:
+    """Another thread sends SIGUSR1 to the main thread about every ms."""
+    stop = threading.Event()
+    sent = [0]
+    main = threading.main_thread().ident
+    assert main is not None
+
+    def kill() -> None:
+        while not stop.wait(0.001):  # pacing the sender, not the test
+            signal.pthread_kill(main, signal.SIGUSR1)
+            sent[0] += 1
+
+    thread = threading.Thread(target=kill, name="SIGUSR1 storm")
+    thread.start()
+    try:
+        yield sent
+    finally:
+        stop.set()
+        thread.join()
+
+
+async def test_signal_storm_while_echo_traffic_flows_and_clients_reset(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """SIGALRM (a Python handler outside the loop) and SIGUSR1 (the loop's
+    ``signals=``) every millisecond: every syscall of the loop and the
+    clients may be interrupted, and DS objects must neither see EINTR nor
+    lose a byte."""
+    good, faulty = 100, 20
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    tally, fault_tally, spills = Tally(), Tally(), [0]
+    alarms, handled = [0], [0]
+    row = FaultRow(
+        "EINTR storm (echo)",
+        backend_name(),
+        f"{good} echo clients x 3 rounds, sndbuf {SMALL_SNDBUF // KiB} KiB",
+        f"SIGALRM + SIGUSR1 every ms; {faulty} RST mid-spill",
+    )
+
+    def on_usr1(_signum: int) -> None:
+        handled[0] += 1
+
+    async with leaks_into(row):
+        with anyio.fail_after(60), sigalrm_every_millisecond(alarms):
+            async with ds_trio.loop(
+                errors="raise", signals={signal.SIGUSR1: on_usr1}
+            ) as lp:
+                server = EchoServer()
+                with sigusr1_from_a_thread() as sent:
+                    async with anyio.create_task_group() as tg:
+                        for i in range(good):
+                            tg.start_soon(
+                                functools.partial(
+                                    good_echo_client,
+                                    server.port,
+                                    seed + i,
+                                    tally,
+                                    rounds=3,
+                                    size=24 * KiB,
+                                )
+                            )
+                        for _ in range(faulty):
+                            tg.start_soon(
+                                faulty_echo_client,
+                                server,
+                                "rst-mid-spill",
+                                rng.randrange(1 << 30),
+                                fault_tally,
+                                spills,
+                            )
+                    # The loop's handler ran for signals sent while it ran.
+                    await wait_for(lambda: handled[0] > 0)
+                lp.stop()
+    row.bytes_lost = tally.lost + fault_tally.lost
+    row.note = (
+        f"seed {seed}; {alarms[0]} SIGALRM, {sent[0]} SIGUSR1 sent, "
+        f"{handled[0]} handled by the loop"
+    )
+    assert tally.clients_done == good
+    assert alarms[0] > 10 and sent[0] > 10
+    assert not ds_errors(caplog)
+    finish(row)
+
+
+async def test_a_burst_of_signals_faster_than_the_loop_is_handled_quietly() -> None:
+    """Regression: asyncio's wake-up fd warned ("Exception ignored when
+    trying to write to the signal wakeup fd") once per signal once its
+    buffer was full - thousands of unraisable errors under a storm."""
+    handled = [0]
+
+    def on_usr1(_signum: int) -> None:
+        handled[0] += 1
+
+    async with ds_trio.loop(signals={signal.SIGUSR1: on_usr1}) as lp:
+        # No checkpoint in between: the loop cannot drain its wake-up fd.
+        for _ in range(5000):
+            os.kill(os.getpid(), signal.SIGUSR1)
+        await wait_for(lambda: handled[0] > 0)
+        lp.stop()

@@ -1041,3 +1041,156 @@ async def test_a_burst_of_signals_faster_than_the_loop_is_handled_quietly() -> N
             os.kill(os.getpid(), signal.SIGUSR1)
         await wait_for(lambda: handled[0] > 0)
         lp.stop()
+
+
+# ----------------------------------------------------------------------
+# 5. Exceptions from every kind of callback, under both error policies
+# ----------------------------------------------------------------------
+
+
+class Boom(Exception):
+    """What the faulted callbacks raise."""
+
+
+def boom(*_args: object) -> None:
+    raise Boom("injected")
+
+
+class BombEcho(EchoClient):
+    """The echo example, except that echoing a ``BOOM`` line raises."""
+
+    def write(self, data: Any) -> bool:
+        if isinstance(data, bytes) and b"BOOM\n" in data:
+            raise Boom("injected")
+        return super().write(data)
+
+
+def spawn_true() -> int:
+    return os.posix_spawn("/bin/true", ["true"], os.environ)
+
+
+async def fire(source: str, server: EchoServer, n: int) -> list[Peer]:
+    """Inject ``n`` exceptions from ``source``; bomb clients are returned."""
+    bombs: list[Peer] = []
+    for i in range(n):
+        if source == "event_step":
+            peer = await Peer.connect(server.port)
+            bombs.append(peer)
+            await peer.send_all(b"BOOM\n")
+        elif source == "timer":
+            ds_trio.add_timer(0, boom)
+        elif source == "later":
+            ds_trio.later(boom)
+        elif i % 2:
+            ds_trio.awaitpid(spawn_true(), boom)
+        else:
+            ds_trio.dwaitpid(spawn_true(), boom)
+    return bombs
+
+
+SOURCES = ["event_step", "timer", "later", "reaper"]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+async def test_exceptions_with_errors_log_close_only_the_offender(
+    source: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    good, faults = 50, 4
+    monkeypatch.setattr(ds_trio._later, "LATER_DELAY", 0.01)
+    seed = random.randrange(1 << 30)
+    tally = Tally()
+    row = FaultRow(
+        f"{source} raises, errors=log",
+        backend_name(),
+        f"{good} echo clients x 3 rounds",
+        f"{faults} exceptions from {source} mid-traffic",
+    )
+    async with leaks_into(row):
+        with anyio.fail_after(60):
+            async with ds_trio.loop(errors="log") as lp:
+                server = EchoServer(factory=BombEcho)
+                started = anyio.Event()
+                async with anyio.create_task_group() as tg:
+                    for i in range(good):
+                        tg.start_soon(
+                            functools.partial(
+                                good_echo_client,
+                                server.port,
+                                seed + i,
+                                tally,
+                                rounds=3,
+                                size=16 * KiB,
+                                before_last=started,
+                            )
+                        )
+                    bombs = await fire(source, server, faults)
+                    for peer in bombs:
+                        # Closed before it could echo anything.
+                        assert await peer.recv_until_eof() == b""
+                        peer.close()
+                    await wait_for(lambda: len(raised(caplog)) == faults)
+                    # Only the bombs were closed: every good client is
+                    # connected, then does its last round.
+                    await wait_for(lambda: server.alive() == good)
+                    assert all(server.closed(peer) for peer in bombs)
+                    started.set()
+                lp.stop()
+    row.bytes_lost = tally.lost
+    row.note = f"seed {seed}; {len(raised(caplog))} tracebacks logged"
+    assert tally.clients_done == good
+    assert len(raised(caplog)) == faults
+    finish(row)
+
+
+def raised(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r
+        for r in caplog.records
+        if r.name == "ds_trio.loop"
+        and r.levelno == logging.ERROR
+        and r.exc_info is not None
+        and isinstance(r.exc_info[1], Boom)
+    ]
+
+
+@pytest.mark.parametrize("source", SOURCES)
+async def test_exceptions_with_errors_raise_end_the_loop_cleanly(
+    source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = 50
+    monkeypatch.setattr(ds_trio._later, "LATER_DELAY", 0.01)
+    seed = random.randrange(1 << 30)
+    tally = Tally()
+    row = FaultRow(
+        f"{source} raises, errors=raise",
+        backend_name(),
+        f"{good} echo clients connected",
+        f"1 exception from {source}",
+    )
+    bombs: list[Peer] = []
+    async with leaks_into(row):
+        with anyio.fail_after(60):
+            with pytest.raises(Boom):
+                async with ds_trio.loop(errors="raise"):
+                    server = EchoServer(factory=BombEcho)
+                    async with anyio.create_task_group() as tg:
+                        for i in range(good):
+                            tg.start_soon(
+                                functools.partial(
+                                    good_echo_client,
+                                    server.port,
+                                    seed + i,
+                                    tally,
+                                    rounds=2,
+                                    size=16 * KiB,
+                                )
+                            )
+                    bombs = await fire(source, server, 1)
+                    await anyio.sleep_forever()
+            # Every connection was closed when the loop ended.
+            for peer in bombs:
+                assert await peer.recv_until_eof() == b""
+                peer.close()
+    row.bytes_lost = tally.lost
+    assert tally.clients_done == good
+    finish(row)

@@ -33,7 +33,7 @@ import ssl
 import struct
 import subprocess
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,8 @@ import anyio.lowlevel
 import pytest
 import sniffio
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ds_trio
 import ds_trio._later
@@ -346,9 +348,24 @@ async def faulty_echo_client(
     server: EchoServer, kind: str, seed: int, tally: Tally, spills: list[int]
 ) -> None:
     """One client that breaks its connection the ``kind`` way."""
-    rng = random.Random(seed)
     mid_spill = kind.endswith("mid-spill")
     peer = await Peer.connect(server.port, rcvbuf=4 * KiB if mid_spill else None)
+    try:
+        await _break_echo_connection(server, peer, kind, seed, tally, spills)
+    finally:
+        peer.close()  # idempotent; for a client cancelled midway
+
+
+async def _break_echo_connection(
+    server: EchoServer,
+    peer: Peer,
+    kind: str,
+    seed: int,
+    tally: Tally,
+    spills: list[int],
+) -> None:
+    rng = random.Random(seed)
+    mid_spill = kind.endswith("mid-spill")
     if kind == "rst-mid-line":
         # Anything up to one byte short of the next newline.
         await peer.send_all(lines(rng, rng.randint(0, 60 * KiB)) + b"partial")
@@ -1194,3 +1211,115 @@ async def test_exceptions_with_errors_raise_end_the_loop_cleanly(
     row.bytes_lost = tally.lost
     assert tally.clients_done == good
     finish(row)
+
+
+# ----------------------------------------------------------------------
+# 6. Cancellation at random instants, with the loop under faults
+# ----------------------------------------------------------------------
+
+#: Scheduler passes a cancelled loop may take to end (counted, not timed).
+CANCEL_BOUND = 10
+CANCEL_ROWS: dict[str, FaultRow] = {}
+
+
+async def quietly(fn: Callable[..., Awaitable[None]], *args: Any, **kw: Any) -> None:
+    """Run a client that may find the server gone (refused, reset)."""
+    with contextlib.suppress(OSError):
+        await fn(*args, **kw)
+
+
+def child_done(_arg: object, _pid: int) -> None:
+    pass
+
+
+async def cancel_world(passes: int, seed: int, row: FaultRow) -> None:
+    """Echo traffic, resets mid-spill, children and a SIGALRM storm; the
+    scope around the loop is cancelled after ``passes`` scheduler passes."""
+    rng = random.Random(seed)
+    ticks = 0
+    cancelled_at = exited_at = -1
+    tally, fault_tally = Tally(), Tally()
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+
+    async with leaks_into(row):
+        with anyio.fail_after(30), sigalrm_every_millisecond([0]):
+            async with anyio.create_task_group() as outer:
+                outer.start_soon(ticker)
+                with anyio.CancelScope() as scope:
+
+                    async def canceller() -> None:
+                        nonlocal cancelled_at
+                        await checkpoints(passes)
+                        cancelled_at = ticks
+                        scope.cancel()
+
+                    outer.start_soon(canceller)
+                    async with ds_trio.loop(errors="raise"):
+                        server = EchoServer()
+                        for i in range(20):
+                            outer.start_soon(
+                                functools.partial(
+                                    quietly,
+                                    good_echo_client,
+                                    server.port,
+                                    seed + i,
+                                    tally,
+                                    rounds=1000,
+                                    size=8 * KiB,
+                                )
+                            )
+                        for _ in range(5):
+                            outer.start_soon(
+                                quietly,
+                                faulty_echo_client,
+                                server,
+                                "rst-mid-spill",
+                                rng.randrange(1 << 30),
+                                fault_tally,
+                                [0],
+                            )
+                        while True:
+                            ds_trio.dwaitpid(spawn_true(), child_done)
+                            await checkpoints(rng.randint(1, 20))
+                exited_at = ticks
+                outer.cancel_scope.cancel()
+    # What came back before the end is exact (a prefix), never other bytes.
+    row.bytes_lost += tally.received - tally.exact
+    row.bytes_lost += fault_tally.received - fault_tally.exact
+    taken = exited_at - cancelled_at
+    worst = int(row.note.split()[-1]) if row.note else 0
+    row.note = (
+        f"examples x cancel after 0..250 passes; most passes to end {max(worst, taken)}"
+    )
+    assert cancelled_at >= 0
+    assert taken <= CANCEL_BOUND, taken
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(passes=st.integers(0, 250), seed=st.integers(0, 1 << 30))
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_cancel_at_a_random_instant_under_faults_ends_promptly_and_leaks_nothing(
+    backend: str, passes: int, seed: int
+) -> None:
+    row = CANCEL_ROWS.get(backend)
+    if row is None:
+        row = CANCEL_ROWS[backend] = record(
+            FaultRow(
+                "cancel at a random instant (echo)",
+                backend,
+                "20 echo clients, children reaped",
+                "5 RST mid-spill, SIGALRM every ms, cancel",
+            )
+        )
+    ds_trio.Reset()  # each example starts clean, as the autouse fixture does
+    anyio.run(cancel_world, passes, seed, row, backend=backend)
+    assert row.clean, row

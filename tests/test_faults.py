@@ -62,7 +62,6 @@ pytestmark = pytest.mark.anyio
 
 LOCALHOST = "127.0.0.1"
 KiB = 1024
-MiB = 1 << 20
 # Server-side send buffer of accepted sockets: small, so echoes and
 # downloads spill and the spill files are sent while faults hit.
 SMALL_SNDBUF = 16 * KiB
@@ -322,11 +321,12 @@ def ds_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-def ds_warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+def logged(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
+    """Messages at WARNING or above that contain ``text``."""
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno == logging.WARNING and text in r.getMessage()
+        if r.levelno >= logging.WARNING and text in r.getMessage()
     ]
 
 
@@ -799,7 +799,7 @@ async def test_emfile_at_accept_and_on_spill_while_others_echo(
                             sock.setblocking(False)
                             with contextlib.suppress(BlockingIOError):
                                 sock.connect((LOCALHOST, server.port))
-                        await wait_for(lambda: bool(ds_warnings_at(caplog, "pausing")))
+                        await wait_for(lambda: bool(logged(caplog, "pausing")))
                         # Round 2 needs no fd; the victim's spill file does.
                         round_done[0] = anyio.Event()
                         round_done[0].set()
@@ -817,22 +817,13 @@ async def test_emfile_at_accept_and_on_spill_while_others_echo(
                         peer.close()
                 lp.stop()
     row.bytes_lost = tally.lost
-    drops = ds_warnings(caplog, "dropped: tmpfile")
+    drops = logged(caplog, "dropped: tmpfile")
     row.note = f"seed {seed}; {len(drops)} spill drop(s) logged"
     assert done == [good, good, good]
-    assert len(ds_warnings_at(caplog, "pausing")) == 1  # once per burst
+    assert len(logged(caplog, "pausing")) == 1  # once per burst
     assert len(drops) == 1, drops
     assert tally.expected == tally.exact > 0
     finish(row)
-
-
-def ds_warnings_at(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
-    """Messages at WARNING or above containing ``text``."""
-    return [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno >= logging.WARNING and text in r.getMessage()
-    ]
 
 
 @contextlib.contextmanager
@@ -923,7 +914,7 @@ async def test_spill_write_failure_drops_only_that_client(
                     lp.stop()
                     stack.close()  # the victims' sockets, while fds are checked
     row.bytes_lost = tally.lost
-    drops = ds_warnings(caplog, "tmpfile")
+    drops = logged(caplog, "tmpfile")
     row.note = f"seed {seed}; {len(drops)} drops logged"
     assert tally.clients_done == good
     assert len(drops) == victims, drops

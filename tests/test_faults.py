@@ -205,10 +205,15 @@ async def good_echo_client(
     rounds: int,
     size: int,
     before_last: anyio.Event | None = None,
+    rcvbuf: int | None = None,
 ) -> None:
-    """Verified echo traffic; the last round waits for ``before_last``."""
+    """Verified echo traffic; the last round waits for ``before_last``.
+
+    A small ``rcvbuf`` makes the server spill the echo and send it from the
+    spill file while the client reads.
+    """
     rng = random.Random(seed)
-    peer = await Peer.connect(port)
+    peer = await Peer.connect(port, rcvbuf=rcvbuf)
     try:
         for i in range(rounds):
             if i == rounds - 1 and before_last is not None:
@@ -420,7 +425,7 @@ async def test_abrupt_disconnects_at_random_points_under_echo_load(
     row = FaultRow(
         "abrupt disconnects (echo)",
         backend_name(),
-        f"{good} echo clients x 3 rounds, sndbuf {SMALL_SNDBUF // KiB} KiB",
+        f"{good} echo clients x 3 rounds <= 96 KiB, spilling",
         f"{faulty} of RST/FIN/half-close mid-line, mid-spill, idle",
     )
     async with leaks_into(row):
@@ -437,8 +442,9 @@ async def test_abrupt_disconnects_at_random_points_under_echo_load(
                                 seed + i,
                                 tally,
                                 rounds=3,
-                                size=24 * KiB,
+                                size=96 * KiB,
                                 before_last=faults_done,
+                                rcvbuf=8 * KiB,
                             )
                         )
                     async with anyio.create_task_group() as faults:
@@ -984,7 +990,7 @@ async def test_signal_storm_while_echo_traffic_flows_and_clients_reset(
     row = FaultRow(
         "EINTR storm (echo)",
         backend_name(),
-        f"{good} echo clients x 3 rounds, sndbuf {SMALL_SNDBUF // KiB} KiB",
+        f"{good} echo clients x 3 rounds <= 96 KiB, spilling",
         f"SIGALRM + SIGUSR1 every ms; {faulty} RST mid-spill",
     )
 
@@ -1007,7 +1013,8 @@ async def test_signal_storm_while_echo_traffic_flows_and_clients_reset(
                                     seed + i,
                                     tally,
                                     rounds=3,
-                                    size=24 * KiB,
+                                    size=96 * KiB,
+                                    rcvbuf=8 * KiB,
                                 )
                             )
                         for _ in range(faulty):
@@ -1025,7 +1032,8 @@ async def test_signal_storm_while_echo_traffic_flows_and_clients_reset(
     row.bytes_lost = tally.lost + fault_tally.lost
     row.note = (
         f"seed {seed}; {alarms[0]} SIGALRM, {sent[0]} SIGUSR1 sent, "
-        f"{handled[0]} handled by the loop"
+        f"{handled[0]} handled by the loop; "
+        f"{lp.statistics().bytes_spilled // KiB} KiB spilled"
     )
     assert tally.clients_done == good
     assert alarms[0] > 10

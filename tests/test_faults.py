@@ -1317,14 +1317,15 @@ async def cancel_world(passes: int, seed: int, row: FaultRow) -> None:
     taken = exited_at - cancelled_at
     worst = int(row.note.split()[-1]) if row.note else 0
     row.note = (
-        f"examples x cancel after 0..250 passes; most passes to end {max(worst, taken)}"
+        "up to 8 examples, cancelled after 0..250 passes; "
+        f"most passes to end {max(worst, taken)}"
     )
     assert cancelled_at >= 0
     assert taken <= CANCEL_BOUND, taken
 
 
 @settings(
-    max_examples=8,
+    max_examples=8,  # the row's note says so
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )

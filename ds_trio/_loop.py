@@ -463,6 +463,8 @@ class Loop(_State):
         receiver = anyio.open_signal_receiver(*map(signal.Signals, handlers))
         signals = receiver.__enter__()
         self._signal_receiver = receiver
+        if backend.name != "trio":
+            _quiet_wakeup_fd()
         assert self._tg is not None
         self._tg.start_soon(self._dispatch_signals, signals, handlers)
 
@@ -860,6 +862,23 @@ def _check_signals(
             raise TypeError(f"handler for signal {signum} is not callable: {handler!r}")
         checked[int(signum)] = handler
     return checked
+
+
+def _quiet_wakeup_fd() -> None:
+    """Keep asyncio's signal wake-up fd, minus its warning when it is full.
+
+    asyncio installs it with ``warn_on_full_buffer=True``: under a signal
+    storm that outpaces one loop iteration, CPython prints "Exception
+    ignored when trying to write to the signal wakeup fd" for every signal
+    (thousands of lines; an error under ``-W error``).  A full buffer loses
+    nothing - the bytes already queued wake the loop, and signals of one
+    kind coalesce anyway - so, as trio does, don't warn.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    fd = signal.set_wakeup_fd(-1)
+    if fd != -1:
+        signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
 
 
 def _unstarted_clock() -> float:

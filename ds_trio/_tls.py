@@ -106,10 +106,46 @@ def starttls(obj: DS, context: ssl.SSLContext, *, server_side: bool = True) -> b
         return False
     if is_tls(sock):
         raise ValueError(f"{obj!r} already speaks TLS")
+    if not _still_connected(obj, sock):
+        return False
     # wrap_socket takes over the fd and detaches the plain socket object,
     # so no byte the kernel holds is lost or read twice across the switch.
-    obj.sock = context.wrap_socket(
-        sock, server_side=server_side, do_handshake_on_connect=False
-    )
+    try:
+        obj.sock = context.wrap_socket(
+            sock, server_side=server_side, do_handshake_on_connect=False
+        )
+    except OSError as exc:
+        # The peer reset between the check above and ssl's own: the fd is
+        # gone with ssl's socket object, so its number may be reused at
+        # once - the object leaves the descriptor map now, not at the end
+        # of the round.
+        log.info("%r: TLS handshake failed: %s", obj, exc)
+        state = obj._ds_state
+        if state.descriptor_map.get(obj._fd) is obj:
+            del state.descriptor_map[obj._fd]
+        obj.close()
+        return False
     obj._interrupt()  # a wait on the old socket object ends
     return bool(obj.accept_tls_step())
+
+
+def _still_connected(obj: DS, sock: object) -> bool:
+    """False (and the object closed) if the peer already reset the connection.
+
+    ``ssl`` checks ``getpeername()`` after taking the fd over from the
+    plain socket; on a reset connection it then raises, closing the fd
+    itself (bytes were pending) or leaving it to the garbage collector
+    (none were).  Either way the object would stay registered under an fd
+    number it no longer owns.  A reset before the handshake is an aborted
+    handshake: one log line, that client closed.
+    """
+    getpeername = getattr(sock, "getpeername", None)
+    if getpeername is None:
+        return True
+    try:
+        getpeername()
+    except OSError as exc:
+        log.info("%r: TLS handshake failed: %s", obj, exc)
+        obj.close()
+        return False
+    return True

@@ -235,19 +235,47 @@ async def checkpoints(n: int) -> None:
 # ----------------------------------------------------------------------
 
 
+def _mutable(data: Any) -> Any:
+    # Immutable bytes would be queued by reference (no spill file); a copy
+    # goes to a spill file when WBUF_MEMORY_MAX is 0.
+    return bytearray(data) if type(data) is bytes else data
+
+
+class SpillingEchoClient(EchoClient):
+    """The echo example with the seed's write path: every queued byte spills.
+
+    The fault scenarios break connections while a spill file is being sent,
+    so the output must take that path.
+    """
+
+    WBUF_MEMORY_MAX = 0
+
+    def write(self, data: Any) -> bool:
+        return super().write(_mutable(data))
+
+
+class SpillingHTTPClient(HTTPClient):
+    """The httpd example with every queued byte in a spill file (see above)."""
+
+    WBUF_MEMORY_MAX = 0
+
+    def write(self, data: Any) -> bool:
+        return super().write(_mutable(data))
+
+
 class EchoServer:
-    """A Listener handing connections to the echo example's ``EchoClient``.
+    """A Listener handing connections to the echo example (spilling).
 
     ``by_port`` maps a client's local port to its server-side object, so a
     test can see whether the object spilled, closed, or is still alive.
-    ``classes`` picks a class per client port (default: ``EchoClient``).
+    ``classes`` picks a class per client port (default: ``SpillingEchoClient``).
     """
 
     def __init__(
         self,
         *,
         sndbuf: int | None = SMALL_SNDBUF,
-        factory: Callable[[socket.socket], DS] = EchoClient,
+        factory: Callable[[socket.socket], DS] = SpillingEchoClient,
     ) -> None:
         self.factory = factory
         self.lsock = socket.create_server((LOCALHOST, 0), backlog=1024)
@@ -558,7 +586,7 @@ class HttpdServer(EchoServer):
         self, sock: socket.socket, addr: Any, _lsock: socket.socket
     ) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_SNDBUF)
-        self.by_port[addr[1]] = HTTPClient(sock, str(self.root), "-", self.tls)
+        self.by_port[addr[1]] = SpillingHTTPClient(sock, str(self.root), "-", self.tls)
 
 
 async def faulty_https_client(
@@ -890,7 +918,9 @@ async def test_spill_write_failure_drops_only_that_client(
             spill_dir = str(
                 stack.enter_context(tiny_tmpfs(tmp_path / "t", SPILL_LIMIT))
             )
-        victim_class = type("VictimEcho", (EchoClient,), {"spill_dir": spill_dir})
+        victim_class = type(
+            "VictimEcho", (SpillingEchoClient,), {"spill_dir": spill_dir}
+        )
         async with leaks_into(row):
             with anyio.fail_after(30):
                 async with ds_trio.loop(errors="raise") as lp:

@@ -124,6 +124,7 @@ class DS:
         "__weakref__",
         "_ds_cb",
         "_ds_cb_fut",
+        "_ds_drained",
         "_ds_external",
         "_ds_in_cb",
         "_ds_is_socket",
@@ -132,6 +133,7 @@ class DS:
         "_ds_shutdown_timer",
         "_ds_state",
         "_ds_stepping",
+        "_ds_stream",
         "_ds_tls_want",
         "_ds_wmem",
         "_ev",
@@ -200,6 +202,12 @@ class DS:
         self._ds_tls_want = 0
         self._ds_external = False
         self._ds_is_socket = isinstance(sock, socket.socket)
+        # A plain stream socket: a short read means its receive queue was
+        # empty (see do_read).
+        self._ds_stream = (
+            type(sock) is socket.socket and sock.type == socket.SOCK_STREAM
+        )
+        self._ds_drained = False
         self._ds_stepping = False
         self._ds_shutdown_timer: Timer | None = None
         self._ds_cb: asyncio.AbstractEventLoop | None = None
@@ -283,6 +291,18 @@ class DS:
         sock = self.sock
         if sock is None:
             return 0
+        if self._ds_drained:
+            # The previous read of this step was short: the kernel's queue
+            # was empty then.  Skip the recv() that would fail with EAGAIN
+            # (a syscall and an exception per request) and arm as EAGAIN
+            # does; bytes that arrived since make the level-triggered
+            # interest fire at once.
+            self._ds_drained = False
+            self._ev = _IN_ONESHOT
+            if self._wait_dir != _IN:
+                self._interrupt()
+            self.rbuf = rbuf if rbuf else None
+            return 0
         try:
             data = (
                 sock.recv(length) if self._ds_is_socket else os.read(self._fd, length)
@@ -310,6 +330,15 @@ class DS:
         if n == 0:
             self.close()
             return 0
+        if (
+            n < length
+            and self._ds_in_cb
+            and self._ds_stream
+            and type(sock) is socket.socket
+        ):
+            # Only within the object's own step from a readiness callback
+            # (asyncio/uvloop); reset when the step ends.
+            self._ds_drained = True
         if offset == len(rbuf):
             rbuf += data
         elif offset < len(rbuf):
@@ -834,6 +863,7 @@ class DS:
             state.failed(exc, self, self)
         finally:
             self._ds_in_cb = False
+            self._ds_drained = False
         if state.post_loop_callback is not None:
             state.kick()
         if (

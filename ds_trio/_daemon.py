@@ -105,6 +105,7 @@ async def _serve_worker(
     socks: Sequence[socket.socket],
     parent_fd: int | None,
     graceful_timeout: float,
+    accepts_per_wake: int = 1,
 ) -> None:
     def quit(_signum: int = 0) -> None:
         graceful_shutdown(loop, timeout=graceful_timeout)
@@ -117,7 +118,7 @@ async def _serve_worker(
         handlers[ignored] = _ignore
     async with open_loop(errors="log", signals=handlers) as loop:
         for sock in socks:
-            Listener(sock, post_accept)
+            Listener(sock, post_accept, accepts_per_wake=accepts_per_wake)
         if parent_fd is not None:
             _ParentPipe(parent_fd, quit)
 
@@ -138,9 +139,16 @@ class Daemon:
         backend: str = "trio",
         graceful_timeout: float = 30.0,
         reuseport: bool = False,
+        accepts_per_wake: int = 1,
     ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
+        if isinstance(accepts_per_wake, bool) or not isinstance(accepts_per_wake, int):
+            raise TypeError(
+                f"accepts_per_wake must be an int, got {accepts_per_wake!r}"
+            )
+        if accepts_per_wake < 1:
+            raise ValueError(f"accepts_per_wake must be >= 1, got {accepts_per_wake}")
         if not sockets:
             raise ValueError("a daemon needs at least one listening socket")
         self.app = app
@@ -148,6 +156,7 @@ class Daemon:
         self.workers = workers
         self.backend = backend
         self.graceful_timeout = graceful_timeout
+        self.accepts_per_wake = accepts_per_wake
         # --reuseport: the TCP sockets bound with SO_REUSEPORT are split,
         # one copy (a "group", one socket per address) per worker; the
         # others (UNIX, or without the option) stay shared by all.
@@ -172,7 +181,11 @@ class Daemon:
     async def _main(self) -> None:
         if self.workers == 0:
             await _serve_worker(
-                load_app(self.app), self.sockets, None, self.graceful_timeout
+                load_app(self.app),
+                self.sockets,
+                None,
+                self.graceful_timeout,
+                self.accepts_per_wake,
             )
             return
         handlers: dict[signal.Signals, Callable[[int], object]] = dict.fromkeys(
@@ -205,6 +218,8 @@ class Daemon:
             self.backend,
             "--graceful-timeout",
             str(self.graceful_timeout),
+            "--accepts-per-wake",
+            str(self.accepts_per_wake),
         ]
         try:
             proc = subprocess.Popen(cmd, pass_fds=[*fds, read_end], env=env)
@@ -339,7 +354,9 @@ def _backend_args(name: str) -> tuple[str, dict[str, Any]]:
     return name, {}
 
 
-def _worker_entry(app: str, backend: str, graceful_timeout: float) -> None:
+def _worker_entry(
+    app: str, backend: str, graceful_timeout: float, accepts_per_wake: int
+) -> None:
     fds = [int(fd) for fd in os.environ.pop(_ENV_FDS, "").split(",") if fd]
     parent = os.environ.pop(_ENV_PARENT, None)
     socks = [socket.socket(fileno=fd) for fd in fds]
@@ -353,6 +370,7 @@ def _worker_entry(app: str, backend: str, graceful_timeout: float) -> None:
         socks,
         int(parent) if parent else None,
         graceful_timeout,
+        accepts_per_wake,
         backend=name,
         backend_options=options,
     )
@@ -375,12 +393,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--backend", default="trio", choices=["trio", "asyncio", "uvloop"]
     )
     parser.add_argument("--graceful-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--accepts-per-wake",
+        type=int,
+        default=1,
+        metavar="N",
+        help="connections each worker accepts per wake-up (default 1, as "
+        "public-inbox: fair between workers; raise it for connection bursts)",
+    )
     args = parser.parse_args(argv)
+    if args.accepts_per_wake < 1:
+        parser.error("--accepts-per-wake must be >= 1")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(message)s"
     )
     if args.worker:
-        _worker_entry(args.worker, args.backend, args.graceful_timeout)
+        _worker_entry(
+            args.worker, args.backend, args.graceful_timeout, args.accepts_per_wake
+        )
         return
     if not args.app:
         parser.error("an app (module:callable) is required")
@@ -400,6 +430,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         backend=args.backend,
         graceful_timeout=args.graceful_timeout,
         reuseport=args.reuseport,
+        accepts_per_wake=args.accepts_per_wake,
     ).run()
 
 

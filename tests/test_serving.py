@@ -41,6 +41,7 @@ from anyio.abc import SocketAttribute
 import ds_trio
 import ds_trio.testing
 from ds_trio import DS, EPOLLIN, EPOLLONESHOT
+from ds_trio._daemon import Daemon
 
 from .helpers import Recorder, wait_for
 
@@ -1830,3 +1831,41 @@ def test_daemon_reuseport_sigttou_closes_the_retired_workers_socket(
         poll_until(lambda: len(listeners_by_worker(d)) == 2)
         assert one_each(d, 2)[kept[0]] == kept[1]
         all_echo(d, 50)
+
+
+def test_daemon_accepts_per_wake_reaches_the_workers(tmp_path: Path) -> None:
+    extra = ("--accepts-per-wake", "16")
+    with daemon(
+        tmp_path, "ds_trio.examples.echo:make_post_accept", 1, extra=extra
+    ) as d:
+        wait_workers_started(d, 1)
+        (worker,) = d.children()
+        with open(f"/proc/{worker}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        assert argv[argv.index(b"--accepts-per-wake") + 1] == b"16"
+        # A burst of connections, all answered.
+        socks = [socket.create_connection((LOCALHOST, d.port)) for _ in range(100)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.sendall(b"burst %d\n" % i)
+            for i, sock in enumerate(socks):
+                sock.settimeout(15)
+                assert sock.recv(100) == b"burst %d\n" % i
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def test_daemon_rejects_accepts_per_wake_below_one() -> None:
+    with (
+        socket.socket() as sock,
+        pytest.raises(ValueError, match="accepts_per_wake must be >= 1"),
+    ):
+        Daemon("m:f", [sock], accepts_per_wake=0)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ds_trio._daemon", "m:f", "--accepts-per-wake", "0"],
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert b"--accepts-per-wake must be >= 1" in proc.stderr

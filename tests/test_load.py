@@ -266,6 +266,102 @@ async def test_slowloris_tricklers_expire_while_workers_are_served_exactly(
     assert row.clean, row
 
 
+HEADER_TRICKLERS = 100
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", SLOWLORIS_BACKENDS)
+async def test_httpd_header_tricklers_expire_uploads_and_requests_do_not(
+    anyio_backend: tuple[str, Any], http_root: Path
+) -> None:
+    """Header bytes trickling in are not activity; body bytes and requests are."""
+    virtual = anyio_backend[0] == "trio"
+    exptime, tick = (30.0, 1.0) if virtual else (2.0, 0.25)
+    listener = socket.create_server((HOST, 0), backlog=1024)
+    listener.setblocking(False)
+    addr = listener.getsockname()
+    small = (http_root / "small.txt").read_bytes()
+    row = FaultRow(
+        "httpd slowloris",
+        "trio" if virtual else "asyncio",
+        "1 chunked upload trickling + 1 client with a request per tick",
+        f"{HEADER_TRICKLERS} clients trickling header bytes",
+    )
+    lifetimes: list[float] = []
+    fetched = [0]
+    header = b"GET /small.txt HTTP/1.1\r\nX-Slow: " + b"a" * 2000
+
+    async def exchange(sock: socket.socket, data: bytes, want: int) -> bytes:
+        sock.sendall(data)
+        got = bytearray()
+        while len(got) < want:
+            await anyio.wait_readable(sock)
+            chunk = sock.recv(65536)
+            assert chunk, "closed"
+            got += chunk
+        return bytes(got)
+
+    async with recorded(row):
+        with anyio.fail_after(10 * exptime + 120 if virtual else GUARD):
+            async with ds_trio.loop(exptime=exptime, errors="raise") as lp:
+                ds_trio.Listener(listener, httpd.make_post_accept(str(http_root)))
+                tricklers = {socket.create_connection(addr): ds_trio.now()}
+                for _ in range(HEADER_TRICKLERS - 1):
+                    tricklers[socket.create_connection(addr)] = ds_trio.now()
+                uploader = socket.create_connection(addr)
+                fetcher = socket.create_connection(addr)
+                for sock in (*tricklers, uploader, fetcher):
+                    sock.setblocking(False)
+                uploader.sendall(
+                    b"PUT /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"7fffffff\r\n"
+                )
+                t0 = ds_trio.now()
+                sent = 0
+                while tricklers:
+                    await anyio.sleep(tick)
+                    uploader.send(b"u")  # one body byte per tick
+                    response = await exchange(
+                        fetcher, b"GET /small.txt HTTP/1.1\r\n\r\n", 1
+                    )
+                    while not response.endswith(small):
+                        response += await exchange(fetcher, b"", 1)
+                    fetched[0] += 1
+                    for sock, start in list(tricklers.items()):
+                        try:
+                            sock.send(header[sent : sent + 1])
+                            data = sock.recv(1)
+                        except BlockingIOError:
+                            continue
+                        except OSError:
+                            data = b""
+                        assert data == b"", data  # no response to half a head
+                        lifetimes.append(ds_trio.now() - start)
+                        del tricklers[sock]
+                        sock.close()
+                    sent += 1
+                    if not virtual and ds_trio.now() - t0 > exptime + 2 * tick:
+                        ds_trio.expire_old()
+                # The upload and the fetching client were never expired.
+                uploader.send(b"u")
+                head = await exchange(fetcher, b"HEAD / HTTP/1.1\r\n\r\n", 9)
+                assert head.startswith(b"HTTP/1.1 ")
+                await wait_for(lambda: lp.statistics().pending_closes == 0)
+                assert lp.statistics().registered == 3
+                uploader.close()
+                fetcher.close()
+                lp.stop()
+        row.note = (
+            f"tricklers expired after {min(lifetimes):.1f}-{max(lifetimes):.1f} s,"
+            f" {fetched[0]} requests served (EXPTIME {exptime:g} s)"
+        )
+    assert len(lifetimes) == HEADER_TRICKLERS
+    if virtual:
+        assert exptime < min(lifetimes)
+        assert max(lifetimes) <= exptime + ds_trio.LATER_DELAY + tick
+    assert row.clean, row
+
+
 async def _wait(predicate: Callable[[], bool]) -> None:
     with anyio.fail_after(GUARD):
         while not predicate():

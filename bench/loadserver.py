@@ -88,7 +88,10 @@ class Control(DS):
             while (end := rbuf.find(b"\n") + 1) > 0:
                 command = bytes(rbuf[: end - 1]).decode().strip()
                 del rbuf[:end]
-                self.command(command)
+                try:
+                    self.command(command)
+                except OSError as exc:  # EMFILE while reading /proc, say
+                    reply({"error": str(exc)})
                 if self.sock is None:
                     return
         if self.sock is None:  # EOF: the parent is gone

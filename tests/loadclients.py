@@ -100,7 +100,7 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while True:
             st = self.command(command)
-            if predicate(st):
+            if "error" not in st and predicate(st):
                 return st
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server stats never matched: {st}")

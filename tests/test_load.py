@@ -21,11 +21,14 @@ No speed is asserted here: throughput under load is measured by the soak.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import random
 import re
 import socket
 import ssl
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from ds_trio.testing import assert_no_leaks
 
 from .faultlib import FaultRow, record
 from .helpers import wait_for
-from .loadclients import Pool, ServerProcess, raise_nofile
+from .loadclients import REPO, Pool, ServerProcess, raise_nofile
 
 HOST = "127.0.0.1"
 GUARD = 60  # real-time bound against hangs, never an assertion on speed
@@ -658,6 +661,35 @@ def test_httpd_malformed_requests_get_valid_responses_never_outside_the_root(
         raise
     finally:
         row.note = row.note or f"statuses seen: {sorted(statuses)}"
+        record(row)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("atheris") is None,
+    reason="atheris is optional (pip install atheris)",
+)
+def test_atheris_coverage_guided_httpd_sessions(tmp_path: Path) -> None:
+    """A short run of bench/fuzz_httpd.py (trio only: libFuzzer owns the process)."""
+    runs = 400
+    row = _fuzz_row("httpd fuzz: atheris", "trio", f"{runs} sessions", "libFuzzer")
+    try:
+        proc = subprocess.run(
+            [
+                sys.executable,
+                str(REPO / "bench" / "fuzz_httpd.py"),
+                f"-runs={runs}",
+                f"-artifact_prefix={tmp_path}/",
+            ],
+            capture_output=True,
+            timeout=GUARD,
+            check=False,
+        )
+        crashed = proc.returncode != 0
+        row.bytes_lost = -1 if crashed else 0
+        row.note = "crash: see the test's output" if crashed else ""
+        assert not crashed, proc.stderr.decode(errors="replace")[-3000:]
+    finally:
         record(row)
 
 

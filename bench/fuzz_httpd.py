@@ -1,0 +1,80 @@
+"""Coverage-guided fuzzing of the httpd example with atheris (optional).
+
+    .venv/bin/pip install atheris
+    .venv/bin/python bench/fuzz_httpd.py -runs=20000        # libFuzzer flags
+    .venv/bin/python bench/fuzz_httpd.py -max_total_time=600 corpus/
+
+Each input is one client session: the bytes are sent to an ``HTTPClient``
+over a socketpair (in pieces: the first input byte picks the piece size),
+the client's write side is shut, and everything the server answers until
+it closes is checked: a sequence of well-formed responses, a 200/206 body
+that is (part of) a served file, and never the secret file that lies just
+outside the root (``..``, encoded ``..``, a symlink out).  Any exception
+escaping the server's loop, or a failed check, is a crash (libFuzzer saves
+the input).  ``parse_head`` is fed the same bytes on its own.
+
+The hypothesis tests in ``tests/test_load.py`` cover the same ground with
+structured inputs in CI; this script is for long runs.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import atheris
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+with atheris.instrument_imports():
+    from ds_trio.examples import httpd
+
+import anyio  # noqa: E402
+
+from tests.test_load import (  # noqa: E402
+    SECRET,
+    check_http_output,
+    http_session,
+    served_files,
+)
+
+
+def make_root() -> Path:
+    base = Path(tempfile.mkdtemp(prefix="fuzz-httpd-"))
+    (base / "secret.txt").write_bytes(SECRET)
+    root = base / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "small.txt").write_bytes(b"hello, world\n")
+    (root / "sub" / "index.html").write_bytes(b"<h1>index</h1>\n")
+    (root / "link-out").symlink_to(base / "secret.txt")
+    (root / "linkdir").symlink_to(base)
+    return root
+
+
+ROOT = make_root()
+FILES = served_files(ROOT)
+
+
+def one_input(data: bytes) -> None:
+    if not data:
+        return
+    try:
+        httpd.parse_head(data[1:])
+    except httpd.BadRequest:
+        pass
+    piece = 1 + data[0] * 16
+    body = data[1:]
+    pieces = [body[i : i + piece] for i in range(0, len(body), piece)]
+    out = anyio.run(http_session, ROOT, pieces, backend="trio")
+    check_http_output(out, FILES)
+
+
+def main() -> None:
+    atheris.Setup(sys.argv, one_input)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()

@@ -120,10 +120,21 @@ def post_accept_for(args: argparse.Namespace) -> Any:
     if args.app == "httpd":
         from ds_trio.examples import httpd
 
-        return httpd.make_post_accept(args.root)
-    from ds_trio.examples import echo
+        app = httpd.make_post_accept(args.root)
+    else:
+        from ds_trio.examples import echo
 
-    return echo.make_post_accept()
+        app = echo.make_post_accept()
+    if not args.sndbuf:
+        return app
+
+    def post_accept(sock: socket.socket, addr: object, listener: socket.socket) -> Any:
+        # A fixed send buffer: output a slow reader leaves queued spills
+        # after this much, not after the kernel's autotuned megabytes.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, args.sndbuf)
+        return app(sock, addr, listener)
+
+    return post_accept
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -146,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exptime", type=float, default=None)
     parser.add_argument("--root", default=".")
     parser.add_argument("--accepts", type=int, default=64)
+    parser.add_argument("--sndbuf", type=int, default=0, help="SO_SNDBUF per client")
     args = parser.parse_args(argv)
     raise_nofile()
     backend = "asyncio" if args.backend == "uvloop" else args.backend

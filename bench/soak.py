@@ -285,7 +285,8 @@ class Driver:
             self.close(conn, rst=True)
             return
         try:
-            conn.sock.send(self.SPILL_BLOCK)  # ~600 KB/s per connection
+            for _ in range(3):  # up to ~1.8 MB/s per connection
+                conn.sock.send(self.SPILL_BLOCK)
         except BlockingIOError:
             pass
         except OSError:
@@ -377,7 +378,9 @@ def soak_backend(backend: str, args: argparse.Namespace) -> tuple[list[FaultRow]
     counters = Counters()
     log_path = args.out_dir / f"soak-{args.stamp}-{backend}.log"
     log_file = log_path.open("wb")
-    server = ServerProcess("echo", backend, exptime=args.exptime, stderr=log_file)
+    server = ServerProcess(
+        "echo", backend, exptime=args.exptime, sndbuf=args.sndbuf, stderr=log_file
+    )
     rows: list[FaultRow] = []
     try:
         base = server.stats()
@@ -623,6 +626,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-seconds", type=float, default=5)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--sndbuf",
+        type=int,
+        default=65536,
+        help="the server's SO_SNDBUF per client (0: the kernel's autotuning)",
+    )
     parser.add_argument(
         "--fd-fault-every",
         type=float,

@@ -54,6 +54,7 @@ class ServerProcess:
         *,
         exptime: float | None = None,
         root: str | None = None,
+        sndbuf: int = 0,
         stderr: Any = None,
     ) -> None:
         cmd = [sys.executable, str(LOADSERVER), "--app", app, "--backend", backend]
@@ -61,6 +62,8 @@ class ServerProcess:
             cmd += ["--exptime", str(exptime)]
         if root is not None:
             cmd += ["--root", root]
+        if sndbuf:
+            cmd += ["--sndbuf", str(sndbuf)]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
         )

@@ -80,7 +80,7 @@ class Counters:
 class Conn:
     """One client connection and what it waits for."""
 
-    __slots__ = ("born", "expect", "got", "kind", "sock", "state")
+    __slots__ = ("born", "expect", "got", "kind", "sent_at", "sock", "state")
 
     def __init__(self, sock: socket.socket, kind: str) -> None:
         self.sock = sock
@@ -88,6 +88,7 @@ class Conn:
         self.expect = b""
         self.got = bytearray()
         self.born = time.monotonic()
+        self.sent_at = 0.0
         self.state = ""
 
 
@@ -139,6 +140,7 @@ class Driver:
 
     def send_line(self, conn: Conn, line: bytes) -> None:
         conn.expect = line
+        conn.sent_at = time.monotonic()
         conn.got.clear()
         try:
             conn.sock.sendall(line)  # short lines: the socket buffer takes them
@@ -207,9 +209,11 @@ class Driver:
         done = self._echo_progress(conn, data)
         if done is None:
             self.c.idle_closed += 1
-            age = time.monotonic() - conn.born
-            lag = f"{age:.1f} s after its last echo" + (
-                f", {len(conn.expect)}-byte line unanswered" if conn.expect else ""
+            now = time.monotonic()
+            lag = f"{now - conn.born:.1f} s after its last echo" + (
+                f", a line sent {now - conn.sent_at:.1f} s before unanswered"
+                if conn.expect
+                else ""
             )
             self.c.lose("idle", len(conn.expect) - len(conn.got), f"closed {lag}")
             self.close(conn)

@@ -3,6 +3,7 @@
     .venv/bin/pip install atheris
     .venv/bin/python bench/fuzz_httpd.py -runs=20000        # libFuzzer flags
     .venv/bin/python bench/fuzz_httpd.py -max_total_time=600 corpus/
+                                  # an empty corpus/ gets a few seed requests
 
 Each input is one client session: the bytes are sent to an ``HTTPClient``
 over a socketpair (in pieces: the first input byte picks the piece size),
@@ -84,7 +85,28 @@ def one_input(data: bytes) -> None:
     check_http_output(out, FILES)
 
 
+SEEDS = [
+    b"GET /small.txt HTTP/1.1\r\n\r\n",
+    b"HEAD /sub/ HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET /small.txt HTTP/1.1\r\nRange: bytes=2-5\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+    b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+    b"Expect: 100-continue\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"PUT /x HTTP/1.1\r\nContent-Length: 3\r\n\r\n"
+    b"abcGET /%2e%2e/secret.txt HTTP/1.1\r\n\r\n",
+]
+
+
+def seed(argv: list[str]) -> None:
+    """Give empty corpus directories named on the command line a few requests."""
+    for arg in argv[1:]:
+        path = Path(arg)
+        if not arg.startswith("-") and path.is_dir() and not any(path.iterdir()):
+            for i, request in enumerate(SEEDS):
+                (path / f"seed-{i}").write_bytes(b"\x00" + request)
+
+
 def main() -> None:
+    seed(sys.argv)
     atheris.Setup(sys.argv, one_input)
     atheris.Fuzz()
 

@@ -16,6 +16,8 @@ backend and asserts that no byte was lost and nothing leaked:
   at a TLS port, and random sequences of write-path calls on one DS object.
 
 No speed is asserted here: throughput under load is measured by the soak.
+``DS_TRIO_FUZZ_SCALE=N`` multiplies the fuzz tests' example counts for a
+longer hunt than CI's.
 """
 
 from __future__ import annotations
@@ -56,8 +58,11 @@ HOST = "127.0.0.1"
 GUARD = 60  # real-time bound against hangs, never an assertion on speed
 SERVER_BACKENDS = ["asyncio", "trio"]
 
+#: Multiplies every fuzz test's example count (a longer hunt than CI's).
+FUZZ_SCALE = int(os.environ.get("DS_TRIO_FUZZ_SCALE", "1"))
+
 FUZZ = settings(
-    max_examples=50,
+    max_examples=50 * FUZZ_SCALE,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     database=None,  # every run explores afresh; failures print their example
@@ -694,7 +699,7 @@ def test_atheris_coverage_guided_httpd_sessions(tmp_path: Path) -> None:
 
 
 @given(st.binary(max_size=2000))
-@settings(FUZZ, max_examples=500)
+@settings(FUZZ, max_examples=500 * FUZZ_SCALE)
 def test_parse_head_returns_a_request_or_raises_bad_request(head: bytes) -> None:
     try:
         req = httpd.parse_head(head)
@@ -709,7 +714,7 @@ def test_parse_head_returns_a_request_or_raises_bad_request(head: bytes) -> None
 
 
 @given(st.text(max_size=40), st.integers(0, 1 << 40))
-@settings(FUZZ, max_examples=200)
+@settings(FUZZ, max_examples=200 * FUZZ_SCALE)
 def test_parse_range_is_within_the_file_or_none(spec: str, size: int) -> None:
     parsed = httpd._parse_range(spec, size)
     if parsed is not None:
@@ -870,7 +875,7 @@ def test_random_bytes_at_a_tls_port_close_the_offender_not_the_good_client(
 # ----------------------------------------------------------------------
 
 
-WRITE_PATH_EXAMPLES = 80
+WRITE_PATH_EXAMPLES = 80 * FUZZ_SCALE
 
 
 class Sink(DS):

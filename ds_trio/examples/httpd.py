@@ -304,8 +304,10 @@ class HTTPClient(DS):
             self.write(head)  # no MSG_MORE: nothing follows to push it out
             self._response_done()
             return
-        self.msg_more(head)  # header and first chunk leave in one segment
+        # The stream first: a head write that finds the client gone closes
+        # the object, and close() must close the file too.
         self.stream = (fd, start, end)
+        self.msg_more(head)  # header and first chunk leave in one segment
         self.write(self._pull)
 
     def _open(self, target: str) -> tuple[int, int, str]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import socket
@@ -107,7 +108,10 @@ class Control(DS):
             reply({"registered": ds_trio.current_loop().statistics().registered})
             return
         if command == "expire":
+            tracked = len(ds_trio.current_loop().idle)
             ds_trio.expire_old()
+            reply({**stats(), "expired": tracked - len(ds_trio.current_loop().idle)})
+            return
         reply(stats())
 
 
@@ -159,6 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--accepts", type=int, default=64)
     parser.add_argument("--sndbuf", type=int, default=0, help="SO_SNDBUF per client")
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("LOADSERVER_LOG", "WARNING"),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
     raise_nofile()
     backend = "asyncio" if args.backend == "uvloop" else args.backend
     options = {"use_uvloop": True} if args.backend == "uvloop" else {}

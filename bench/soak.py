@@ -41,9 +41,11 @@ import os
 import random
 import resource
 import select
+import shutil
 import socket
 import struct
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -228,7 +230,7 @@ class Driver:
         self.c.trickler_lifetimes.append(time.monotonic() - conn.born)
         self.close(conn)
         if self.tricklers_wanted:
-            self.open("trickler")
+            self.open_trickler(conn.kind)
 
     def on_half_close(self, conn: Conn, data: bytes) -> None:
         if data:
@@ -254,6 +256,69 @@ class Driver:
     def on_rst_mid_line(self, conn: Conn, data: bytes) -> None:
         if not data:
             self.close(conn)
+
+    # -- httpd behaviours ---------------------------------------------------
+
+    http_files: dict[bytes, bytes] = {}  # noqa: RUF012 - set per soak
+
+    def http_get(self, conn: Conn, path: bytes) -> None:
+        conn.state = path.decode()
+        self.send_line(conn, b"GET " + path + b" HTTP/1.1\r\nHost: soak\r\n\r\n")
+        conn.expect = self.http_files[path]  # the body that must come back
+
+    def on_http_worker(self, conn: Conn, data: bytes) -> None:
+        if not data:
+            self.c.lose("http_worker", len(conn.expect), "closed by server")
+            self.close(conn)
+            return
+        conn.got += data
+        end = conn.got.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(conn.got[:end]).lower()
+        length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+        if len(conn.got) < end + 4 + length:
+            return
+        body = bytes(conn.got[end + 4 : end + 4 + length])
+        if not head.startswith(b"http/1.1 200") or body != conn.expect:
+            self.c.lose("http_worker", len(conn.expect), f"bad response {head[:40]!r}")
+        del conn.got[: end + 4 + length]
+        conn.expect = b""  # answered: nothing owed (stop_conns waits on it)
+        self.c.worker_lines += 1
+        if conn.state != "stopping":
+            self.http_get(conn, self.rng.choice(list(self.http_files)))
+
+    def on_http_rst(self, conn: Conn, data: bytes) -> None:
+        if not data:
+            self.close(conn)
+
+    on_http_trickler = on_trickler
+
+    def http_churn(self) -> None:
+        """A download reset midway: the server holds a file fd and spills."""
+        self.c.churn["http_rst"] = self.c.churn.get("http_rst", 0) + 1
+        conn = self.open("http_rst", rcvbuf=1024)
+        if conn is None:
+            return
+        try:
+            conn.sock.send(b"GET /big.bin HTTP/1.1\r\n\r\n")
+        except OSError:
+            self.close(conn)
+            return
+        self.at(
+            time.monotonic() + self.rng.uniform(0.05, 1.0),
+            lambda: self.close(conn, rst=True),
+        )
+
+    def open_trickler(self, kind: str = "trickler") -> Conn | None:
+        conn = self.open(kind)
+        if conn is not None and kind == "http_trickler":
+            # A request head that never ends: a header value, a byte a tick.
+            try:
+                conn.sock.send(b"GET /small.txt HTTP/1.1\r\nX-Slow: ")
+            except OSError:
+                pass
+        return conn
 
     # -- load -----------------------------------------------------------------
 
@@ -301,7 +366,7 @@ class Driver:
     def trickle(self) -> None:
         """Every trickler sends its byte (one action for all: cheap)."""
         for conn in list(self.conns.values()):
-            if conn.kind == "trickler":
+            if conn.kind in ("trickler", "http_trickler"):
                 try:
                     conn.sock.send(b"x")
                 except OSError:
@@ -501,11 +566,7 @@ def soak_backend(backend: str, args: argparse.Namespace) -> tuple[list[FaultRow]
             driver.close(conn)
         driver.ep.close()
         pool.ep.close()
-        server.wait_registered(base["registered"])
-        after = server.wait_stats(
-            lambda st: st["fds"] <= base["fds"] and st["tasks"] <= base["tasks"],
-            timeout=60,
-        )
+        after = settle(server, base)
         final = FaultRow(
             "final check (server /proc)",
             backend,
@@ -615,6 +676,113 @@ def soak_backend(backend: str, args: argparse.Namespace) -> tuple[list[FaultRow]
         server.kill()
 
 
+def settle(server: ServerProcess, base: dict[str, int]) -> dict[str, int]:
+    """The server's stats once it is back to ``base`` (or after 30 s: leaks).
+
+    What it still holds beyond ``base`` is listed on stderr.
+    """
+    before = server.proc_fds()
+    try:
+        server.wait_registered(base["registered"])
+        return server.wait_stats(
+            lambda st: st["fds"] <= base["fds"] and st["tasks"] <= base["tasks"],
+            timeout=30,
+        )
+    except TimeoutError:
+        st = server.stats()
+        fds = server.proc_fds()
+        extra = sorted(t for fd, t in fds.items() if before.get(fd) != t or fd > 20)
+        print(f"server still holds: {st}; fds: {extra[:40]}", file=sys.stderr)
+        return st
+
+
+def soak_httpd(backend: str, args: argparse.Namespace) -> FaultRow:
+    """The httpd example: keep-alive GETs, header tricklers, resets mid-download."""
+    rng = random.Random(args.seed)
+    counters = Counters()
+    root = Path(tempfile.mkdtemp(prefix="soak-httpd-"))
+    files = {
+        b"/small.txt": b"hello, world\n",
+        b"/page.html": rng.randbytes(20_000),
+        b"/mid.bin": rng.randbytes(300_000),
+    }
+    for name, body in files.items():
+        (root / name.decode().lstrip("/")).write_bytes(body)
+    (root / "big.bin").write_bytes(rng.randbytes(8 << 20))
+    log_path = args.out_dir / f"soak-{args.stamp}-{backend}-httpd.log"
+    log_file = log_path.open("wb")
+    server = ServerProcess(
+        "httpd",
+        backend,
+        exptime=args.exptime,
+        root=str(root),
+        sndbuf=args.sndbuf,
+        stderr=log_file,
+    )
+    try:
+        base = server.stats()
+        driver = Driver(server.port, counters, rng)
+        driver.http_files = files
+        workers = [
+            c for c in (driver.open("http_worker") for _ in range(args.workers)) if c
+        ]
+        for conn in workers:
+            driver.http_get(conn, rng.choice(list(files)))
+        driver.tricklers_wanted = True
+        for _ in range(args.tricklers):
+            driver.open_trickler("http_trickler")
+        driver.at(time.monotonic() + 1.0, driver.trickle)
+
+        def churn_tick() -> None:
+            for _ in range(max(1, int(args.churn_rate * 0.1))):
+                driver.http_churn()
+            driver.at(time.monotonic() + 0.1, churn_tick)
+
+        def check() -> None:
+            st = server.command("expire" if args.duration < 600 else "stats")
+            if os.environ.get("SOAK_DEBUG"):
+                print(f"httpd check: {st}", file=sys.stderr)
+            driver.at(time.monotonic() + args.exptime / 2, check)
+
+        driver.at(time.monotonic() + 0.05, churn_tick)
+        driver.at(time.monotonic() + args.exptime / 2, check)
+        t0 = time.monotonic()
+        driver.run_until(t0 + max(args.http_duration, 1.6 * args.exptime))
+        secs = time.monotonic() - t0
+        driver.timers.clear()
+        driver.tricklers_wanted = False
+        driver.stop_conns(workers)
+        for conn in list(driver.conns.values()):
+            driver.close(conn, rst=conn.kind == "http_rst")
+        driver.ep.close()
+        after = settle(server, base)
+        row = FaultRow(
+            "httpd: GETs, slowloris, resets",
+            backend,
+            f"{args.workers} keep-alive clients GETting 13 B-300 KB files,"
+            f" {args.tricklers:,} header tricklers (replaced)",
+            f"{counters.trickler_expired:,} tricklers expired,"
+            f" {counters.churn.get('http_rst', 0):,} 8 MiB downloads reset midway",
+            bytes_lost=sum(counters.lost.values()),
+            fds=after["fds"] - base["fds"],
+            spill=after["spill"] - base["spill"],
+            tasks=after["tasks"] - base["tasks"],
+            zombies=server.zombies(),
+            note=f"{counters.worker_lines:,} responses checked in {secs:.0f} s;"
+            f" {after['bytes_spilled'] / 2**20:.1f} MiB spilled; server log:"
+            f" {log_path.name}",
+        )
+        status = server.quit()
+        if status != 0 or counters.errors:
+            print(f"{backend} httpd: exit {status}, {counters.errors}", file=sys.stderr)
+            row.note += f"; ERRORS: {len(counters.errors)}, exit {status}"
+        return row
+    finally:
+        server.kill()
+        log_file.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -643,6 +811,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds between 1 s fd-limit clamps (0: none)",
     )
     parser.add_argument("--out")
+    parser.add_argument(
+        "--no-httpd", dest="httpd", action="store_false", help="skip the httpd phase"
+    )
+    parser.add_argument(
+        "--http-duration", type=float, default=None, help="default: duration / 3"
+    )
     args = parser.parse_args(argv)
     backends = args.backends.split(",")
     if args.quick:
@@ -650,6 +824,8 @@ def main(argv: list[str] | None = None) -> int:
         args.exptime = 10
         args.rounds = 2
         args.round_seconds = 1.5
+    if args.http_duration is None:
+        args.http_duration = args.duration / 3
     limit = raise_nofile(args.conns + args.tricklers + args.workers + 2000)
     if limit < args.conns + args.tricklers + args.workers + 500:
         args.conns = max(0, limit - args.tricklers - args.workers - 500)
@@ -666,6 +842,8 @@ def main(argv: list[str] | None = None) -> int:
         r, t = soak_backend(backend, args)
         rows += r
         tputs.append(t)
+        if args.httpd:
+            rows.append(soak_httpd(backend, args))
     header = tputs[0].splitlines()[:2]
     tput = "\n".join(header + [t.splitlines()[2] for t in tputs])
     report = (

@@ -8,7 +8,9 @@ Each client is a DS object with ``EPOLLIN|EPOLLONESHOT`` interest.  Its
 ``event_step`` follows public-inbox's pattern: flush queued output first and
 read more only once it is gone ("otherwise we can be buffering infinitely
 w/o backpressure"), answer every complete line with ``write()``, keep a
-partial line in ``rbuf``, and mark activity for idle expiry.  SIGTERM,
+partial line in ``rbuf``, and mark activity for idle expiry when a line is
+complete or queued output has drained (bytes of an unfinished line are not
+activity: a slowloris client is expired).  SIGTERM,
 SIGQUIT or SIGINT start a graceful shutdown: the listener closes, idle
 clients are closed, busy ones (a partial line, unsent output) finish.
 """
@@ -40,13 +42,19 @@ class EchoClient(DS):
         self.update_idle_time()
 
     def event_step(self) -> None:
+        had_output = bool(self.wbuf)
         if not self.flush_write() or self.sock is None:
             return
-        self.update_idle_time()
+        if had_output:
+            self.update_idle_time()  # queued output drained: progress
         rbuf = self.rbuf if self.rbuf is not None else bytearray()
         while self.do_read(rbuf, 65536, len(rbuf)):
             end = rbuf.rfind(b"\n") + 1
             if end:
+                # Only complete lines count as activity: a client trickling
+                # a byte at a time and never ending its line (slowloris)
+                # stays idle and is expired after EXPTIME.
+                self.update_idle_time()
                 self.write(bytes(rbuf[:end]))
                 del rbuf[:end]
             if len(rbuf) > MAX_LINE:

@@ -19,7 +19,10 @@ Choices: ``Range`` with several ranges is answered with the whole file
 (200), as RFC 9110 allows a server to ignore ``Range``; directories are
 served through their ``index.html`` or not at all (404); anything that
 would leave the root (``..`` segments, also encoded, or a symlink leading
-out) gets 403/404 and not a byte of the file.
+out) gets 403/404 and not a byte of the file.  For idle expiry a complete
+request head, body bytes and response bytes sent are activity; header
+bytes trickling in are not, so a slowloris client is expired after
+``EXPTIME``.
 """
 
 from __future__ import annotations
@@ -161,9 +164,11 @@ class HTTPClient(DS):
         return super().close()
 
     def event_step(self) -> None:
+        had_output = bool(self.wbuf)
         if not self.flush_write() or self.sock is None:
             return
-        self.update_idle_time()
+        if had_output:
+            self.update_idle_time()  # queued output drained: progress
         rbuf = self.rbuf if self.rbuf is not None else bytearray()
         self.rbuf = None
         try:
@@ -194,6 +199,9 @@ class HTTPClient(DS):
                 return False
             req = parse_head(bytes(rbuf[: end.start()]))
             del rbuf[: end.end()]
+            # A complete head is activity; its bytes trickling in are not,
+            # so a slowloris client (a header byte now and then) expires.
+            self.update_idle_time()
             self._prepare_body(req)
         if not self._discard_body(rbuf):
             return False
@@ -228,6 +236,8 @@ class HTTPClient(DS):
 
     def _discard_body(self, rbuf: bytearray) -> bool:
         """Drop body bytes from ``rbuf``; True once the body is complete."""
+        if rbuf and (self.body_left or self.chunk_state is not None):
+            self.update_idle_time()  # an upload making progress is not idle
         if self.chunk_state is None and self.body_left:
             n = min(self.body_left, len(rbuf))
             del rbuf[:n]
@@ -302,8 +312,10 @@ class HTTPClient(DS):
             self.write(head)  # no MSG_MORE: nothing follows to push it out
             self._response_done()
             return
-        self.msg_more(head)  # header and first chunk leave in one segment
+        # The stream first: a head write that finds the client gone closes
+        # the object, and close() must close the file too.
         self.stream = (fd, start, end)
+        self.msg_more(head)  # header and first chunk leave in one segment
         self.write(self._pull)
 
     def _open(self, target: str) -> tuple[int, int, str]:

@@ -202,6 +202,57 @@ def bare_selectors(trips: int) -> float:
     return elapsed
 
 
+def _protocol(use_uvloop: bool) -> Callable[[int], float]:
+    """asyncio ``Protocol`` ping-pong: the callback ceiling of the backend."""
+
+    def run(trips: int) -> float:
+        import asyncio
+
+        a, b = _pair()
+
+        class Side(asyncio.Protocol):
+            def __init__(self, first: bool, done: asyncio.Future[None]) -> None:
+                self.first = first
+                self.done = done
+                self.count = 0
+                self.transport: asyncio.Transport | None = None
+
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport  # type: ignore[assignment]
+
+            def data_received(self, data: bytes) -> None:
+                assert self.transport is not None
+                for _ in data:
+                    if self.first:
+                        self.count += 1
+                        if self.count >= trips:
+                            if not self.done.done():
+                                self.done.set_result(None)
+                            return
+                    self.transport.write(b"x")
+
+        async def main() -> float:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            start = _clock()
+            ta, _ = await loop.connect_accepted_socket(lambda: Side(True, done), a)
+            tb, _ = await loop.connect_accepted_socket(lambda: Side(False, done), b)
+            ta.write(b"x")
+            await done
+            elapsed = _clock() - start
+            ta.close()
+            tb.close()
+            return elapsed
+
+        if use_uvloop:
+            import uvloop
+
+            return uvloop.run(main())
+        return asyncio.run(main())
+
+    return run
+
+
 VARIANTS: dict[str, Callable[[int], float]] = {
     "bare trio wait_readable": bare_trio,
     "ds_trio trio EPOLLIN|ONESHOT": _ds(_Oneshot, "trio", {}),
@@ -209,6 +260,8 @@ VARIANTS: dict[str, Callable[[int], float]] = {
     "bare selectors": bare_selectors,
     "ds_trio asyncio EPOLLIN|ONESHOT": _ds(_Oneshot, "asyncio", {}),
     "ds_trio uvloop EPOLLIN|ONESHOT": _ds(_Oneshot, "asyncio", {"use_uvloop": True}),
+    "asyncio Protocol": _protocol(False),
+    "uvloop Protocol": _protocol(True),
 }
 
 

@@ -843,7 +843,7 @@ class DS:
 
     def _cb_ready(self) -> None:
         """The fd is ready: one ``event_step``, called by the event loop."""
-        state = cast("Loop", self._ds_state)
+        state: Loop = self._ds_state  # type: ignore[assignment]
         sock = self.sock
         if sock is None or state._finished:
             self._cb_release()

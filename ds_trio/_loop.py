@@ -37,6 +37,7 @@ import logging
 import math
 import numbers
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -418,6 +419,10 @@ class Loop(_State):
         self._started = True
         backend = self._backend = current_backend()
         self.timers.clock = backend.current_time
+        # tempfile probes directories (open + unlink) on its first call:
+        # under EMFILE that fails as "No usable temporary directory", hiding
+        # the real error of the first spill.  Settle it while fds are free.
+        tempfile.gettempdir()
         tg = anyio.create_task_group()
         await tg.__aenter__()
         self._tg = tg

@@ -808,33 +808,32 @@ class DS:
         if sock is None or self._ds_external or want == _BOTH or _tls.is_tls(sock):
             self._cb_release()
             return
-        have = self._wait_dir
-        if have == want:
+        if self._wait_dir == want:
             return
+        self._cb_unregister(aio_loop)
         fd = self._fd
-        if have == _IN:
-            aio_loop.remove_reader(fd)
-        elif have == _OUT:
-            aio_loop.remove_writer(fd)
-        self._wait_dir = 0
         if want == _IN:
             aio_loop.add_reader(fd, self._cb_ready)
         elif want == _OUT:
             aio_loop.add_writer(fd, self._cb_ready)
         self._wait_dir = want
 
+    def _cb_unregister(self, aio_loop: asyncio.AbstractEventLoop) -> None:
+        have = self._wait_dir
+        if have == _IN:
+            aio_loop.remove_reader(self._fd)
+        elif have == _OUT:
+            aio_loop.remove_writer(self._fd)
+        self._wait_dir = 0
+
     def _cb_release(self) -> None:
         """Leave callback mode: unregister and wake the parked task."""
         aio_loop = self._ds_cb
         if aio_loop is None:
             return
-        have = self._wait_dir
         # Unregister before the fd can be closed: uvloop aborts the process
         # on an fd closed under a registered watcher.
-        if have == _IN:
-            aio_loop.remove_reader(self._fd)
-        elif have == _OUT:
-            aio_loop.remove_writer(self._fd)
+        self._cb_unregister(aio_loop)
         self._ds_cb = None
         self._wait_dir = _NO_SCOPE
         fut, self._ds_cb_fut = self._ds_cb_fut, None

@@ -168,12 +168,16 @@ class Held:
         #: Copied bytes counted against the object's WBUF_MEMORY_MAX.
         self.charged = charged
 
-    def send(self, sock: Any, cap: int) -> int:
-        """Send from the head of the view: bytes sent, 0 when exhausted."""
+    def send(self, sock: Any, plain: bool) -> int:
+        """Send from the head of the view: bytes sent, 0 when exhausted.
+
+        ``plain``: not TLS (the spill file's ``use_sendfile``); over TLS at
+        most ``_CHUNK`` per call, as write() explains.
+        """
         view = self.view
         if not view:
             return 0
-        n: int = sock.send(view[:cap] if cap and len(view) > cap else view)
+        n: int = sock.send(view if plain or len(view) <= _CHUNK else view[:_CHUNK])
         self.view = view[n:]
         return n
 
@@ -373,24 +377,8 @@ def flush_write(obj: DS) -> bool:
     use_sendfile = obj._ds_sendfile_ok()
     while queue:
         head = queue[0]
-        if type(head) is Held:
-            try:
-                # Over TLS never more than _CHUNK per SSL_write (see write()).
-                while head.send(sock, 0 if use_sendfile else _CHUNK):
-                    pass
-            except BlockingIOError:
-                obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
-                return False
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as exc:
-                _tls_blocked(obj, exc)
-                return False
-            except OSError:
-                obj.close()
-                return False
-            queue.popleft()
-            obj._ds_wmem -= head.charged
-            continue
-        if type(head) is Spill:
+        entry_type = type(head)
+        if entry_type is Held or entry_type is Spill:
             try:
                 while head.send(sock, use_sendfile):
                     pass
@@ -401,7 +389,11 @@ def flush_write(obj: DS) -> bool:
                 _tls_blocked(obj, exc)
                 return False
             except OSError as exc:
-                if exc.errno in (errno.EINVAL, errno.ENOSYS) and use_sendfile:
+                if (
+                    entry_type is Spill
+                    and use_sendfile
+                    and exc.errno in (errno.EINVAL, errno.ENOSYS)
+                ):
                     # sendfile refused this socket type: read+send from now on.
                     obj._ds_no_sendfile = True
                     use_sendfile = False
@@ -409,7 +401,10 @@ def flush_write(obj: DS) -> bool:
                 obj.close()
                 return False
             queue.popleft()
-            head.close()
+            if entry_type is Spill:
+                head.close()
+            else:
+                obj._ds_wmem -= head.charged
             continue
         queue.popleft()
         before = len(queue)

@@ -360,42 +360,11 @@ class DS:
     # Write path (bodies in _wbuf)
     # ------------------------------------------------------------------
 
-    def write(self, data: _wbuf.WriteItem) -> bool:
-        """Write bytes, or queue a callable to run after what is queued.
+    # The hot path's two methods are _wbuf's functions themselves (their
+    # docstrings are the methods'): one Python frame less per call.
+    write = _wbuf.write
 
-        ``data`` is a bytes-like object (copied if it must be queued, so the
-        caller may reuse a ``bytearray`` at once) or a callable, called with
-        the object once everything queued before it has been sent - at once
-        when nothing is queued.  Bytes are never reordered.  What the socket
-        does not take now goes to an unlinked spill file: after a partial
-        send the object is requeued, after EAGAIN ``EPOLLOUT|EPOLLONESHOT``
-        is armed.  A hard error (EPIPE, ECONNRESET, ...) closes the object.
-
-        Returns:
-            True when everything went out now, the callable ran now, or the
-            object is already closed (the seed's deliberate lie: a caller
-            that wrote twice after the first write killed the object is not
-            hurt by it).  False when anything is queued - not an error - and
-            when this write found the connection broken (the object is then
-            closed: check ``self.sock``) or could not spill (dropped).
-
-        Raises:
-            TypeError: ``data`` is a ``str`` or not bytes-like nor callable.
-        """
-        return _wbuf.write(self, data)
-
-    def flush_write(self) -> bool:
-        """Send what is queued; True only when the queue is empty.
-
-        Spill files are sent in order, with ``sendfile`` where the socket
-        allows it; queued callables run in order.  Stops when the socket is
-        full (write interest armed), when a callable queued more work (it
-        arranged its own wake-up), or when a callable closed the object
-        (nothing more is sent or re-armed).  A hard write error closes the
-        object; nothing is raised.  Protocol code calls this first in
-        ``event_step`` and reads more only when it returned True.
-        """
-        return _wbuf.flush_write(self)
+    flush_write = _wbuf.flush_write
 
     def write_file(self, file: Any, offset: int = 0, length: int | None = None) -> bool:
         """Queue ``length`` bytes of ``file`` from ``offset`` (zero-copy).

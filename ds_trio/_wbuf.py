@@ -276,8 +276,31 @@ def _queue(obj: DS) -> deque[Any]:
     return queue
 
 
-def write(obj: DS, data: Any) -> bool:
-    """``DS.write``: send now, or queue behind what is already queued."""
+def write(obj: DS, data: WriteItem) -> bool:
+    """Write bytes, or queue a callable to run after what is queued.
+
+    ``data`` is a bytes-like object or a callable, called with the object
+    once everything queued before it has been sent - at once when nothing
+    is queued.  Bytes are never reordered.  What the socket does not take
+    now is queued: immutable ``bytes`` by reference (at the head of the
+    queue, or behind more of the same object), mutable data as a copy (so
+    the caller may reuse a ``bytearray`` at once) kept in memory under
+    ``WBUF_MEMORY_MAX``, anything else in an unlinked spill file.  After a
+    partial send the object is requeued, after EAGAIN
+    ``EPOLLOUT|EPOLLONESHOT`` is armed.  A hard error (EPIPE, ECONNRESET,
+    ...) closes the object.  The seed's ``write``.
+
+    Returns:
+        True when everything went out now, the callable ran now, or the
+        object is already closed (the seed's deliberate lie: a caller
+        that wrote twice after the first write killed the object is not
+        hurt by it).  False when anything is queued - not an error - and
+        when this write found the connection broken (the object is then
+        closed: check ``self.sock``) or could not spill (dropped).
+
+    Raises:
+        TypeError: ``data`` is a ``str`` or not bytes-like nor callable.
+    """
     sock = obj.sock
     if sock is None:
         # "Write lies on a dead socket": a caller can do two writes in one
@@ -365,7 +388,18 @@ def _tls_blocked(obj: DS, exc: BaseException) -> None:
 
 
 def flush_write(obj: DS) -> bool:
-    """``DS.flush_write``: drain the queue; True only when it is empty."""
+    """Send what is queued; True only when the queue is empty.
+
+    Queued entries are sent in order (spill files and file regions with
+    ``sendfile`` where the socket allows it); queued callables run in
+    order.  Stops when the socket is
+    full (write interest armed), when a callable queued more work (it
+    arranged its own wake-up), or when a callable closed the object
+    (nothing more is sent or re-armed).  A hard write error closes the
+    object; nothing is raised.  Protocol code calls this first in
+    ``event_step`` and reads more only when it returned True.  The seed's
+    ``flush_write``.
+    """
     sock = obj.sock
     if sock is None:
         # Closed: nothing will ever be flushed (upstream 358f6126 returns

@@ -53,6 +53,32 @@ class Echo(DS):
             self.sock.sendall(bytes(buf))
 
 
+class ReceiveMore:
+    """``recv_exactly`` and ``recv_until_eof`` for test clients with ``recv``.
+
+    A subclass defines ``async def recv(n) -> bytes`` returning ``b""`` at
+    EOF.
+    """
+
+    async def recv(self, n: int = 65536) -> bytes:
+        raise NotImplementedError
+
+    async def recv_exactly(self, n: int) -> bytes:
+        got = bytearray()
+        while len(got) < n:
+            data = await self.recv(n - len(got))
+            if not data:
+                break
+            got += data
+        return bytes(got)
+
+    async def recv_until_eof(self) -> bytes:
+        got = bytearray()
+        while data := await self.recv():
+            got += data
+        return bytes(got)
+
+
 def pair() -> tuple[socket.socket, socket.socket]:
     return ds_trio.testing.socketpair()
 

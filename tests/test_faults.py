@@ -55,7 +55,7 @@ from ds_trio.examples.echo import EchoClient
 from ds_trio.examples.httpd import HTTPClient
 
 from .faultlib import FaultRow, record
-from .helpers import wait_for
+from .helpers import ReceiveMore, wait_for
 from .test_tls import BioClient
 
 pytestmark = pytest.mark.anyio
@@ -72,7 +72,7 @@ SMALL_SNDBUF = 16 * KiB
 # ----------------------------------------------------------------------
 
 
-class Peer:
+class Peer(ReceiveMore):
     """One client socket; every wait is on the running backend."""
 
     def __init__(self, sock: socket.socket) -> None:
@@ -126,21 +126,6 @@ class Peer:
                 await anyio.wait_readable(self.sock)
             except OSError:
                 return b""
-
-    async def recv_exactly(self, n: int) -> bytes:
-        got = bytearray()
-        while len(got) < n:
-            data = await self.recv(n - len(got))
-            if not data:
-                break
-            got += data
-        return bytes(got)
-
-    async def recv_until_eof(self) -> bytes:
-        got = bytearray()
-        while data := await self.recv():
-            got += data
-        return bytes(got)
 
     def rst(self) -> None:
         """Close with SO_LINGER 0: the kernel sends RST, not FIN."""

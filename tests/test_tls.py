@@ -38,7 +38,7 @@ from ds_trio import DS, EPOLLIN, EPOLLONESHOT, EPOLLOUT
 from ds_trio._wbuf import spill_entry_count
 from ds_trio.testing import assert_no_leaks, socketpair
 
-from .helpers import wait_for
+from .helpers import ReceiveMore, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -345,7 +345,7 @@ async def receive_exactly(stream: anyio.abc.ByteReceiveStream, n: int) -> bytes:
     return bytes(got)
 
 
-class BioClient:
+class BioClient(ReceiveMore):
     """A TLS client over ``ssl.MemoryBIO``: the test sees every raw byte.
 
     It can produce its ClientHello without sending it, send raw bytes
@@ -435,21 +435,6 @@ class BioClient:
         if not data:
             self.eof = "close_notify"
         return data
-
-    async def recv_exactly(self, n: int) -> bytes:
-        got = bytearray()
-        while len(got) < n:
-            data = await self.recv(n - len(got))
-            if not data:
-                break
-            got += data
-        return bytes(got)
-
-    async def recv_until_eof(self) -> bytes:
-        got = bytearray()
-        while data := await self.recv():
-            got += data
-        return bytes(got)
 
     async def raw_eof(self) -> bool:
         """True once the raw stream ends (EOF or reset), after draining it."""

@@ -1,4 +1,4 @@
-"""Shared fixtures: every async test runs on trio and on anyio's asyncio backend.
+"""Shared fixtures: every async test runs on trio, asyncio and uvloop.
 
 Only anyio's pytest plugin drives async tests (pytest-trio is disabled in
 pyproject's addopts): pytest-trio's trio_mode would silently run the
@@ -18,6 +18,9 @@ import ds_trio
 BACKENDS = [
     pytest.param(("asyncio", {}), id="asyncio"),
     pytest.param(("trio", {}), id="trio"),
+    # uvloop too: synchronous steps run from its readiness callbacks there
+    # (callback mode), and an fd closed under a watcher aborts the process.
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
 ]
 
 

@@ -79,6 +79,27 @@ class ReceiveMore:
         return bytes(got)
 
 
+async def reserve_libuv_emfile_fd() -> None:
+    """On uvloop, make libuv take its reserved fd before a leak check.
+
+    The first time libuv opens a TCP stream it opens ``/dev/null`` too and
+    keeps it for the event loop's life (its EMFILE trick); a block that
+    opens the loop's first libuv stream would report it as leaked.  A no-op
+    elsewhere.
+    """
+    import asyncio
+
+    import sniffio
+
+    if sniffio.current_async_library() != "asyncio":
+        return
+    if not type(asyncio.get_running_loop()).__module__.startswith("uvloop"):
+        return
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        client = await anyio.connect_tcp("127.0.0.1", server.getsockname()[1])
+        await client.aclose()
+
+
 def pair() -> tuple[socket.socket, socket.socket]:
     return ds_trio.testing.socketpair()
 

@@ -38,7 +38,7 @@ from ds_trio import DS, EPOLLIN, EPOLLONESHOT, EPOLLOUT
 from ds_trio._wbuf import spill_entry_count
 from ds_trio.testing import assert_no_leaks, socketpair
 
-from .helpers import ReceiveMore, wait_for
+from .helpers import ReceiveMore, reserve_libuv_emfile_fd, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -936,6 +936,7 @@ async def test_cancelling_the_loop_mid_handshake_leaks_nothing(certs: Certs) -> 
         # that must be closed too.
         return SpillingEcho(conn, certs.server, greeting=b"* OK ready\n")
 
+    await reserve_libuv_emfile_fd()
     async with assert_no_leaks(), contextlib.AsyncExitStack() as stack:
         objects: list[Any] = []
         with anyio.CancelScope() as scope:

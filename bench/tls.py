@@ -123,7 +123,6 @@ def serve_ds_trio(port: int, certdir: str, backend: str) -> None:
     from _common import raise_nofile_limit, ready
 
     import ds_trio
-    from ds_trio import DS, EPOLLIN
 
     ctx = server_context(certdir)
 
@@ -134,25 +133,13 @@ def serve_ds_trio(port: int, certdir: str, backend: str) -> None:
             super().__init__(sock)
             self.starttls(ctx)
 
-    class Listener(DS):
-        def __init__(self, sock: socket.socket) -> None:
-            super().__init__(sock, EPOLLIN)
-
-        def event_step(self) -> None:
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            TLSClient(conn)
-
     async def serve() -> None:
         lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         lsock.bind(("127.0.0.1", port))
         lsock.listen(4096)
         async with ds_trio.loop(errors="log") as loop:
-            Listener(lsock)
+            ds_trio.Listener(lsock, lambda conn, _addr, _lsock: TLSClient(conn))
             ready(lsock.getsockname()[1])
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
                 async for _ in sigs:

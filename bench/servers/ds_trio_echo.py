@@ -62,21 +62,6 @@ class Client(DS):
                 return
 
 
-class Listener(DS):
-    """Accepts one connection per wake-up, level-triggered (as upstream)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock, EPOLLIN)
-
-    def event_step(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except BlockingIOError:
-            return
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Client(conn)
-
-
 def make_post_accept() -> Callable[[socket.socket, object, socket.socket], None]:
     """The daemon's app factory: one call per worker process."""
     raise_nofile_limit()
@@ -95,7 +80,9 @@ async def serve(port: int) -> None:
     lsock.bind(("127.0.0.1", port))
     lsock.listen(4096)
     async with ds_trio.loop(errors="log") as loop:
-        Listener(lsock)
+        # ds_trio's Listener: one accept per wake-up, level-triggered (as
+        # upstream), TCP_NODELAY set on each connection.
+        ds_trio.Listener(lsock, lambda conn, _addr, _lsock: Client(conn))
         ready(lsock.getsockname()[1])
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async for _ in signals:

@@ -100,6 +100,18 @@ async def reserve_libuv_emfile_fd() -> None:
         await client.aclose()
 
 
+async def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
+    """Send ``payload`` to an echo peer and read until as many bytes came back."""
+    sock.sendall(payload)
+    received = bytearray()
+    while len(received) < len(payload):
+        await anyio.wait_readable(sock)
+        chunk = sock.recv(65536)
+        assert chunk, "echo peer closed early"
+        received += chunk
+    return bytes(received)
+
+
 def pair() -> tuple[socket.socket, socket.socket]:
     return ds_trio.testing.socketpair()
 

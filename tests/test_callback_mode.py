@@ -18,7 +18,7 @@ import ds_trio
 from ds_trio import DS, EPOLLIN, EPOLLONESHOT, EPOLLOUT
 from ds_trio.testing import assert_no_leaks
 
-from .helpers import Echo, pair, wait_for
+from .helpers import Echo, pair, roundtrip, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -34,17 +34,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> object:
     if request.param[1].get("use_uvloop"):
         pytest.importorskip("uvloop")
     return request.param
-
-
-async def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
-    sock.sendall(payload)
-    received = bytearray()
-    while len(received) < len(payload):
-        await anyio.wait_readable(sock)
-        chunk = sock.recv(65536)
-        assert chunk, "peer closed early"
-        received += chunk
-    return bytes(received)
 
 
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from typing import Any
 
 import anyio
@@ -11,7 +10,7 @@ import pytest
 import ds_trio
 from ds_trio.testing import assert_no_leaks, socketpair
 
-from .helpers import Echo, Recorder
+from .helpers import Echo, Recorder, roundtrip
 
 pytest.importorskip("uvloop")
 
@@ -21,18 +20,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> object:
     return ("asyncio", {"use_uvloop": True})
-
-
-async def request(sock: socket.socket, payload: bytes) -> bytes:
-    """Send ``payload`` and read until as many bytes came back."""
-    sock.sendall(payload)
-    received = bytearray()
-    while len(received) < len(payload):
-        await anyio.wait_readable(sock)
-        chunk = sock.recv(65536)
-        assert chunk, "echo peer closed early"
-        received += chunk
-    return bytes(received)
 
 
 async def test_uvloop_echo_timer_close_and_clean_exit() -> None:
@@ -50,7 +37,7 @@ async def test_uvloop_echo_timer_close_and_clean_exit() -> None:
 
                 for i in range(5):
                     payload = f"request {i}\n".encode() * (i + 1)
-                    assert await request(client, payload) == payload
+                    assert await roundtrip(client, payload) == payload
                 assert fired == ["zero"]
 
                 # parked waits in wait_readable; closing it must wake and end
@@ -61,7 +48,7 @@ async def test_uvloop_echo_timer_close_and_clean_exit() -> None:
                 assert parked.sock is None
                 await anyio.wait_all_tasks_blocked()
                 # The loop keeps serving after the close.
-                assert await request(client, b"after close") == b"after close"
+                assert await roundtrip(client, b"after close") == b"after close"
                 echo.close()
             assert lp.statistics().registered == 0
             assert echo.sock is None

@@ -94,6 +94,13 @@ SYSTEMS: dict[str, System] = {
             _py("asyncio_echo.py", "--backend", "uvloop"),
         ),
         System("trio", "trio serve_tcp", _py("trio_echo.py")),
+        # The floor of one task per connection on trio (no DS, no streams):
+        # what ds_trio's trio backend is measured against in docs.
+        System(
+            "trio-sketch",
+            "trio wait_readable task per connection",
+            _py("trio_sketch_echo.py"),
+        ),
         System(
             "anyio-asyncio",
             "anyio streams on asyncio",
@@ -104,12 +111,17 @@ SYSTEMS: dict[str, System] = {
             "anyio streams on trio",
             _py("anyio_echo.py", "--backend", "trio"),
         ),
-        # ds_trio: bench/servers/ds_trio_echo.py is a stub exiting 77 until
-        # the library's own echo server replaces it.
         System(
             "ds_trio-trio",
             "ds_trio on trio",
             _py("ds_trio_echo.py", "--backend", "trio"),
+        ),
+        # What callback mode buys on trio: the same server, every object
+        # woken in its own task.
+        System(
+            "ds_trio-trio-tasks",
+            "ds_trio on trio, callbacks=False",
+            _py("ds_trio_echo.py", "--backend", "trio", "--tasks"),
         ),
         System(
             "ds_trio-asyncio",
@@ -129,6 +141,8 @@ REFERENCES: tuple[tuple[str, str], ...] = (
     ("asyncio", "asyncio"),
     ("perl-ds", "Perl DS"),
     ("c-epoll", "C"),
+    # the trio target (<= 0.5x trio's own streams)
+    ("trio", "trio"),
 )
 
 

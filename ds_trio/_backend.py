@@ -10,7 +10,7 @@ record, so no other part of the loop asks which backend is running.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 
@@ -19,7 +19,7 @@ import anyio.lowlevel
 import sniffio
 import trio
 
-__all__ = ["Backend", "CancelScopeLike", "current_backend"]
+__all__ = ["Backend", "CancelScopeLike", "Reactor", "current_backend"]
 
 
 class CancelScopeLike(Protocol):
@@ -32,6 +32,30 @@ class CancelScopeLike(Protocol):
     def __enter__(self) -> Self: ...
 
     def __exit__(self, *exc_info: object) -> bool | None: ...
+
+
+class Parked(Protocol):
+    """How callback mode parks an object's task (an asyncio future's API)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: None, /) -> None: ...
+
+    def __await__(self) -> Generator[Any, None, Any]: ...
+
+
+class Reactor(Protocol):
+    """Readiness callbacks: the running asyncio loop, or trio's EpollReactor."""
+
+    def create_future(self) -> Parked: ...
+
+    def add_reader(self, fd: int, callback: Callable[[], object], /) -> None: ...
+
+    def add_writer(self, fd: int, callback: Callable[[], object], /) -> None: ...
+
+    def remove_reader(self, fd: int, /) -> bool: ...
+
+    def remove_writer(self, fd: int, /) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,9 +78,11 @@ class Backend:
     settle_passes: int
     #: Direction bits -> the wait for them (0: park until re-armed).
     waits: dict[int, Callable[[Any], Awaitable[None]]]
-    #: The asyncio event loop when readiness callbacks can run synchronous
-    #: steps directly (``add_reader``/``add_writer``); None on trio.
-    callback_loop: asyncio.AbstractEventLoop | None = None
+    #: Where readiness callbacks can run synchronous steps directly
+    #: (``add_reader``/``add_writer``): the asyncio event loop, or on trio
+    #: the loop's own EpollReactor (set when the loop starts); None: every
+    #: object waits in its task.
+    callback_loop: Reactor | None = None
 
 
 _CLOSED = (trio.ClosedResourceError, anyio.ClosedResourceError)

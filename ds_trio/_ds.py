@@ -2,11 +2,13 @@
 
 The seed registers each object's fd with a process-wide epoll set and calls
 ``event_step`` when it is ready.  Here each object is a task in its loop's
-task group that waits for its armed interest with ``wait_readable`` /
-``wait_writable`` and then calls ``event_step``.  trio's epoll backend
-already registers every wait with ``EPOLLONESHOT`` and re-arms it on the
-next wait, so DS's one-shot interest re-armed by ``epwait`` costs the same
-syscalls as the seed.
+task group.  In task mode it waits for its armed interest with
+``wait_readable`` / ``wait_writable`` and then calls ``event_step`` (trio's
+epoll backend registers every wait with ``EPOLLONESHOT`` and re-arms it on
+the next wait, the seed's syscalls).  In callback mode - the default for
+synchronous steps on plain sockets, see below - the task parks and
+readiness callbacks (asyncio's ``add_reader``, or on trio the loop's own
+epoll set in ``_reactor``) call ``event_step`` as the seed's loop does.
 
 There is deliberately one callback for both directions: a TLS read may have
 to write and a TLS write may have to read, so only the object, from its own
@@ -15,7 +17,6 @@ state, knows which call to make next (``Documentation/technical/ds.txt``).
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import os
@@ -43,7 +44,7 @@ from ._loop import (
 )
 
 if TYPE_CHECKING:
-    from ._backend import CancelScopeLike
+    from ._backend import CancelScopeLike, Parked, Reactor
     from ._loop import Loop, _State
     from ._streams import DSStream
     from ._timers import Timer
@@ -210,8 +211,8 @@ class DS:
         self._ds_drained = False
         self._ds_stepping = False
         self._ds_shutdown_timer: Timer | None = None
-        self._ds_cb: asyncio.AbstractEventLoop | None = None
-        self._ds_cb_fut: asyncio.Future[None] | None = None
+        self._ds_cb: Reactor | None = None
+        self._ds_cb_fut: Parked | None = None
         self._ds_in_cb = False
         self._ds_wmem = 0
         _state().register(self, fd)
@@ -336,8 +337,8 @@ class DS:
             and self._ds_stream
             and type(sock) is socket.socket
         ):
-            # Only within the object's own step from a readiness callback
-            # (asyncio/uvloop); reset when the step ends.
+            # Only within the object's own step from a readiness callback;
+            # reset when the step ends.
             self._ds_drained = True
         if offset == len(rbuf):
             rbuf += data
@@ -671,7 +672,8 @@ class DS:
         # than its frame and its scope.
         waits = backend.waits
         async_step = self._ds_async_step
-        # asyncio/uvloop: synchronous steps run from readiness callbacks.
+        # Synchronous steps run from readiness callbacks (unless the loop
+        # was started with callbacks=False).
         callback_loop = None if async_step else backend.callback_loop
         try:
             while True:
@@ -742,13 +744,14 @@ class DS:
             self._ds_running = False
 
     # ------------------------------------------------------------------
-    # Callback mode (asyncio and uvloop, synchronous event_step)
+    # Callback mode (synchronous event_step, every backend)
     #
     # A task woken per request costs a future, a task step and, through
-    # anyio, an add_reader/remove_reader pair: about four times an asyncio
-    # Protocol.  There the object's task parks for its lifetime instead
-    # while the fd stays registered with the event loop and readiness calls
-    # event_step directly.  The registration is kept across steps while
+    # anyio, an add_reader/remove_reader pair on asyncio: about four times
+    # an asyncio Protocol; on trio a task switch and an epoll_ctl.  The
+    # object's task parks for its lifetime instead while the fd stays
+    # registered with the event loop (on trio: the loop's EpollReactor) and
+    # readiness calls event_step directly.  The registration is kept across steps while
     # the interest stays the same (one-shot is applied to _ev, and the
     # registration dropped only if the step did not re-arm it), so a
     # request costs no epoll_ctl at all.  Async steps, TLS (decrypted
@@ -756,8 +759,8 @@ class DS:
     # the task's waits.
     # ------------------------------------------------------------------
 
-    async def _park_with_callbacks(self, aio_loop: asyncio.AbstractEventLoop) -> None:
-        fut: asyncio.Future[None] = aio_loop.create_future()
+    async def _park_with_callbacks(self, aio_loop: Reactor) -> None:
+        fut = aio_loop.create_future()
         self._ds_cb_fut = fut
         self._ds_cb = aio_loop
         self._wait_dir = 0
@@ -787,7 +790,7 @@ class DS:
             aio_loop.add_writer(fd, self._cb_ready)
         self._wait_dir = want
 
-    def _cb_unregister(self, aio_loop: asyncio.AbstractEventLoop) -> None:
+    def _cb_unregister(self, aio_loop: Reactor) -> None:
         have = self._wait_dir
         if have == _IN:
             aio_loop.remove_reader(self._fd)

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import functools
 import logging
 import math
 import numbers
+import os
 import signal
 import tempfile
 import threading
@@ -48,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal, Self, TypeAlias
 import anyio
 import anyio.abc
 
+from . import _reactor
 from ._backend import Backend, CancelScopeLike, current_backend
 from ._errors import DSError, NotInLoopError
 from ._idle import IdleTracker
@@ -56,6 +59,7 @@ from ._timers import Timer, TimerQueue, check_delay
 
 if TYPE_CHECKING:
     from ._ds import DS
+    from ._reactor import EpollReactor
 
 __all__ = [
     "DescriptorMap",
@@ -349,9 +353,13 @@ class Loop(_State):
         errors: ErrorPolicy = "raise",
         signals: SignalHandlers | None = None,
         exptime: float | None = None,
+        callbacks: bool | None = None,
         _keep_state: bool = False,
     ):
         self.errors: ErrorPolicy = _check_policy(errors)
+        self._callbacks = _check_callbacks(callbacks)
+        # trio: the loop's own epoll set for callback mode (see _reactor).
+        self._reactor: EpollReactor | None = None
         self._signal_handlers = _check_signals(signals)
         self._signal_receiver: Any = None
         self._previous_signal_handlers: dict[int, Any] = {}
@@ -417,7 +425,17 @@ class Loop(_State):
         if self._started:
             raise DSError("a ds_trio loop can only be entered once")
         self._started = True
-        backend = self._backend = current_backend()
+        backend = current_backend()
+        if not self._callbacks:
+            backend = dataclasses.replace(backend, callback_loop=None)
+        elif (
+            backend.callback_loop is None
+            and backend.name == "trio"
+            and _reactor.available()
+        ):
+            self._reactor = _reactor.EpollReactor()
+            backend = dataclasses.replace(backend, callback_loop=self._reactor)
+        self._backend = backend
         self.timers.clock = backend.current_time
         # tempfile probes directories (open + unlink) on its first call:
         # under EMFILE that fails as "No usable temporary directory", hiding
@@ -432,7 +450,9 @@ class Loop(_State):
             # Handlers go in before anything can checkpoint, so a signal
             # arriving while the loop starts is queued, not lost.
             self._install_signal_handlers(backend)
-            if backend.callback_loop is not None:
+            if self._reactor is not None:
+                tg.start_soon(self._reactor.run, name="ds_trio epoll set")
+            elif backend.callback_loop is not None:
                 self._object_tasks = set()
                 tg.start_soon(self._own_object_tasks, name="ds_trio object tasks")
             self.adopt(_pending())
@@ -548,7 +568,11 @@ class Loop(_State):
 
     def _teardown(self, *, clean: bool) -> None:
         self._remove_signal_handlers()
-        self._teardown_state(clean=clean)
+        try:
+            self._teardown_state(clean=clean)
+        finally:
+            if self._reactor is not None:
+                self._reactor.close()
 
     def _teardown_state(self, *, clean: bool) -> None:
         """Close everything still registered, after every task has ended.
@@ -938,6 +962,7 @@ def loop(
     errors: ErrorPolicy = "raise",
     signals: SignalHandlers | None = None,
     exptime: float | None = None,
+    callbacks: bool | None = None,
 ) -> Loop:
     """Create a DS loop to run with ``async with``.
 
@@ -961,13 +986,36 @@ def loop(
         exptime: idle expiry in seconds for every object of this loop,
             overriding ``DS.EXPTIME`` and subclasses' values (the seed's
             ``$EXPTIME`` was process-wide).
+        callbacks: True: objects with a synchronous ``event_step``
+            on a plain socket or pipe are stepped from readiness callbacks,
+            as the seed's ``epoll_wait`` loop does - asyncio's
+            ``add_reader``/``add_writer``, and on trio the loop's own epoll
+            set waited on as one fd - while their tasks stay parked.  False:
+            every object waits in its own task with ``wait_readable`` /
+            ``wait_writable`` (slower per request; each wake-up is then a
+            task switch that trio's instruments and debuggers see).  None
+            (default): the environment variable ``DS_TRIO_CALLBACKS``
+            (``0`` or ``1``) decides, and True when it is unset.
 
     Raises:
         ValueError: ``errors`` is neither ``"raise"`` nor ``"log"``, a
-            signal number is invalid, or ``exptime`` is NaN or infinite.
-        TypeError: a signal handler is not callable.
+            signal number is invalid, ``exptime`` is NaN or infinite, or
+            ``DS_TRIO_CALLBACKS`` is set to neither ``0`` nor ``1``.
+        TypeError: a signal handler is not callable, or ``callbacks`` is
+            not a bool.
     """
-    return Loop(errors=errors, signals=signals, exptime=exptime)
+    return Loop(errors=errors, signals=signals, exptime=exptime, callbacks=callbacks)
+
+
+def _check_callbacks(callbacks: object) -> bool:
+    if callbacks is None:
+        setting = os.environ.get("DS_TRIO_CALLBACKS", "1").strip()
+        if setting not in ("0", "1"):
+            raise ValueError(f"DS_TRIO_CALLBACKS must be 0 or 1, not {setting!r}")
+        return setting == "1"
+    if not isinstance(callbacks, bool):
+        raise TypeError(f"callbacks must be True, False or None, not {callbacks!r}")
+    return callbacks
 
 
 def in_loop() -> bool:

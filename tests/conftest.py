@@ -15,18 +15,27 @@ import trio.testing
 
 import ds_trio
 
+# (anyio backend, callback mode).  Synchronous steps run from readiness
+# callbacks by default on every backend; "trio-tasks" runs the suite with
+# DS_TRIO_CALLBACKS=0, where each object waits in its own task (the path
+# TLS and async steps always take).
 BACKENDS = [
-    pytest.param(("asyncio", {}), id="asyncio"),
-    pytest.param(("trio", {}), id="trio"),
-    # uvloop too: synchronous steps run from its readiness callbacks there
-    # (callback mode), and an fd closed under a watcher aborts the process.
-    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param((("asyncio", {}), True), id="asyncio"),
+    pytest.param((("trio", {}), True), id="trio"),
+    pytest.param((("trio", {}), False), id="trio-tasks"),
+    # uvloop too: an fd closed under a watcher aborts the process there.
+    pytest.param((("asyncio", {"use_uvloop": True}), True), id="uvloop"),
 ]
 
 
 @pytest.fixture(params=BACKENDS)
-def anyio_backend(request: pytest.FixtureRequest) -> object:
-    return request.param
+def anyio_backend(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> object:
+    backend, callbacks = request.param
+    # Also inherited by the servers the tests start as subprocesses.
+    monkeypatch.setenv("DS_TRIO_CALLBACKS", "1" if callbacks else "0")
+    return backend
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SERVERS = BENCH / "servers"
 
-# A server exiting 77 before READY cannot run here (the ds_trio stub until
-# the real server lands): skipped, as the harness does.
+# A server exiting 77 before READY cannot run here: skipped, as the
+# harness does.
 EXIT_SKIP = 77
 
 PYTHON_SERVERS = {
@@ -37,9 +37,11 @@ PYTHON_SERVERS = {
     "asyncio": ["asyncio_echo.py"],
     "uvloop": ["asyncio_echo.py", "--backend", "uvloop"],
     "trio": ["trio_echo.py"],
+    "trio-sketch": ["trio_sketch_echo.py"],
     "anyio-asyncio": ["anyio_echo.py", "--backend", "asyncio"],
     "anyio-trio": ["anyio_echo.py", "--backend", "trio"],
     "ds_trio-trio": ["ds_trio_echo.py", "--backend", "trio"],
+    "ds_trio-trio-tasks": ["ds_trio_echo.py", "--backend", "trio", "--tasks"],
     "ds_trio-asyncio": ["ds_trio_echo.py", "--backend", "asyncio"],
     "ds_trio-uvloop": ["ds_trio_echo.py", "--backend", "uvloop"],
 }

@@ -1,13 +1,16 @@
-"""Callback mode: on asyncio and uvloop, synchronous steps run from readiness callbacks.
+"""Callback mode: synchronous steps run from readiness callbacks.
 
-The behaviour must be the same as the task mode's (trio, async steps, TLS):
-these tests run on every backend and check the transitions between the
-two modes, the lazy one-shot disarm and what a steady request costs.
+asyncio's and uvloop's ``add_reader``/``add_writer``, and on trio the loop's
+own epoll set (``_reactor.EpollReactor``).  The behaviour must be the same
+as the task mode's (``callbacks=False``, async steps, TLS): these tests run
+on every backend and check the transitions between the two modes, the lazy
+one-shot disarm and what a steady request costs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import select
 import socket
 from typing import Any
 
@@ -30,9 +33,12 @@ pytestmark = pytest.mark.anyio
         pytest.param(("trio", {}), id="trio"),
     ]
 )
-def anyio_backend(request: pytest.FixtureRequest) -> object:
+def anyio_backend(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> object:
     if request.param[1].get("use_uvloop"):
         pytest.importorskip("uvloop")
+    monkeypatch.delenv("DS_TRIO_CALLBACKS", raising=False)  # the default: on
     return request.param
 
 
@@ -41,7 +47,7 @@ async def test_steady_requests_cost_no_registration_change(
     anyio_backend: Any,
 ) -> None:
     # About the asyncio selector loop: counts its add_reader calls (uvloop's
-    # methods cannot be wrapped, trio has no readiness callbacks).
+    # methods cannot be wrapped; trio's epoll set has its own test below).
     aio_loop = asyncio.get_running_loop()
     calls: list[str] = []
     add_reader, remove_reader = aio_loop.add_reader, aio_loop.remove_reader
@@ -246,9 +252,112 @@ async def test_a_short_read_skips_the_next_recv_but_loses_nothing(
             obj = LateBytes(a, b)
             b.sendall(b"first")
             await wait_for(lambda: bytes(obj.got) == b"firstlate")
-            if anyio_backend[0] == "asyncio":
-                assert obj.second_reads[0] == 0  # callback mode: skipped
-            else:
-                assert obj.second_reads[0] == 4  # trio: read as usual
+            assert obj.second_reads[0] == 0  # skipped
             obj.close()
             lp.stop()
+
+
+@pytest.mark.parametrize("anyio_backend", [("trio", {})], ids=["trio"])
+async def test_trio_epoll_set_keeps_a_steady_registration(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The trio loop's epoll set: one EPOLL_CTL_ADD for 50 one-shot steps
+    # (each re-armed by do_read's EAGAIN), one DEL on close, and the set's
+    # own fd closed with the loop.
+    calls: list[tuple[str, int]] = []
+
+    real_epoll = select.epoll
+
+    class CountingEpoll:  # select.epoll cannot be subclassed
+        def __init__(self) -> None:
+            self._epoll = real_epoll()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._epoll, name)
+
+        def register(self, fd: int, eventmask: int) -> None:
+            calls.append(("add", fd))
+            self._epoll.register(fd, eventmask)
+
+        def modify(self, fd: int, eventmask: int) -> None:
+            calls.append(("mod", fd))
+            self._epoll.modify(fd, eventmask)
+
+        def unregister(self, fd: int) -> None:
+            calls.append(("del", fd))
+            self._epoll.unregister(fd)
+
+    monkeypatch.setattr(ds_trio._reactor.select, "epoll", CountingEpoll)
+    a, b = pair()
+    watched = a.fileno()
+    with b:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            reactor = lp._reactor
+            assert reactor is not None
+            obj = Echo(a)
+            for i in range(50):
+                line = b"line %d\n" % i
+                assert await roundtrip(b, line) == line
+            assert [c for c in calls if c[1] == watched] == [("add", watched)]
+            obj.close()
+            assert [c for c in calls if c[1] == watched] == [
+                ("add", watched),
+                ("del", watched),
+            ]
+            lp.stop()
+        assert reactor.fileno() == -1  # closed with the loop
+
+
+@pytest.mark.parametrize(
+    "anyio_backend",
+    [("trio", {}), ("asyncio", {})],
+    ids=["trio", "asyncio"],
+)
+async def test_callbacks_false_waits_in_tasks_with_the_same_behaviour(
+    anyio_backend: Any,
+) -> None:
+    a, b = pair()
+    c, d = pair()
+    with b, d:
+        async with assert_no_leaks(), ds_trio.loop(callbacks=False) as lp:
+            assert lp._reactor is None
+            echo = Echo(c)
+            for i in range(10):
+                line = b"task %d\n" % i
+                assert await roundtrip(d, line) == line
+            late = LateBytes(a, b)
+            b.sendall(b"first")
+            await wait_for(lambda: bytes(late.got) == b"firstlate")
+            # The short-read skip is callback mode's: a task reads again.
+            assert late.second_reads[0] == 4
+            echo.close()
+            late.close()
+            lp.stop()
+
+
+async def test_the_environment_chooses_when_the_caller_does_not(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = pair()
+    with b:
+        monkeypatch.setenv("DS_TRIO_CALLBACKS", "0")
+        async with ds_trio.loop() as lp:
+            obj = LateBytes(a, b)
+            b.sendall(b"first")
+            await wait_for(lambda: bytes(obj.got) == b"firstlate")
+            assert obj.second_reads[0] == 4  # task mode
+            obj.close()
+            lp.stop()
+        # an explicit argument wins over the environment
+        async with ds_trio.loop(callbacks=True) as lp:
+            if anyio_backend[0] == "trio":
+                assert lp._reactor is not None
+            lp.stop()
+
+
+def test_bad_callback_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(TypeError, match="callbacks must be True, False or None"):
+        ds_trio.loop(callbacks="yes")  # type: ignore[arg-type]
+    monkeypatch.setenv("DS_TRIO_CALLBACKS", "on")
+    with pytest.raises(ValueError, match="DS_TRIO_CALLBACKS must be 0 or 1"):
+        ds_trio.loop()

@@ -39,10 +39,15 @@ _BULK_PREFIX = b"bulk "
 
 
 def parse_args(
-    description: str, *, backends: Sequence[str] = (), reuseport: bool = False
+    description: str,
+    *,
+    backends: Sequence[str] = (),
+    reuseport: bool = False,
+    tasks: bool = False,
 ) -> argparse.Namespace:
-    """Parse ``PORT [--backend NAME] [--reuseport]`` (``--backend`` only if
-    *backends*, ``--reuseport`` only if *reuseport*)."""
+    """Parse ``PORT [--backend NAME] [--reuseport] [--tasks]`` (``--backend``
+    only if *backends*, ``--reuseport`` only if *reuseport*, ``--tasks``
+    only if *tasks*)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "port", type=int, help="TCP port on 127.0.0.1 (0: any free port)"
@@ -53,6 +58,12 @@ def parse_args(
         # bench/workers.py starts several such processes on one port
         parser.add_argument(
             "--reuseport", action="store_true", help="bind with SO_REUSEPORT"
+        )
+    if tasks:
+        parser.add_argument(
+            "--tasks",
+            action="store_true",
+            help="ds_trio.loop(callbacks=False): every object waits in its task",
         )
     return parser.parse_args()
 

@@ -6,7 +6,9 @@ read more only once it is gone (back-pressure, and responses stay in
 request order).  ``bulk N`` is written through ``write()``: what the socket
 does not take goes to a spill file and leaves with ``sendfile``.
 
-Usage: ``python bench/servers/ds_trio_echo.py PORT [--backend trio|asyncio|uvloop]``
+Usage: ``python bench/servers/ds_trio_echo.py PORT [--backend trio|asyncio|uvloop]
+[--tasks]`` (``--tasks``: ``ds_trio.loop(callbacks=False)``, each object
+woken in its own task instead of from readiness callbacks).
 
 Under the worker-process daemon (bench/workers.py), with bench/servers on
 ``PYTHONPATH``: ``python -m ds_trio._daemon ds_trio_echo:make_post_accept
@@ -74,12 +76,12 @@ def make_post_accept() -> Callable[[socket.socket, object, socket.socket], None]
     return post_accept
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, callbacks: bool = True) -> None:
     lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind(("127.0.0.1", port))
     lsock.listen(4096)
-    async with ds_trio.loop(errors="log") as loop:
+    async with ds_trio.loop(errors="log", callbacks=callbacks) as loop:
         # ds_trio's Listener: one accept per wake-up, level-triggered (as
         # upstream), TCP_NODELAY set on each connection.
         ds_trio.Listener(lsock, lambda conn, _addr, _lsock: Client(conn))
@@ -92,14 +94,16 @@ async def serve(port: int) -> None:
 
 def main() -> None:
     args = parse_args(
-        "ds_trio bench echo server", backends=("trio", "asyncio", "uvloop")
+        "ds_trio bench echo server", backends=("trio", "asyncio", "uvloop"), tasks=True
     )
     raise_nofile_limit()
     options: dict[str, Any] = {}
     backend = args.backend
     if backend == "uvloop":
         backend, options = "asyncio", {"use_uvloop": True}
-    anyio.run(serve, args.port, backend=backend, backend_options=options)
+    anyio.run(
+        serve, args.port, not args.tasks, backend=backend, backend_options=options
+    )
 
 
 if __name__ == "__main__":

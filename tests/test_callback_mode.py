@@ -19,6 +19,7 @@ import pytest
 
 import ds_trio
 from ds_trio import DS, EPOLLIN, EPOLLONESHOT, EPOLLOUT
+from ds_trio._reactor import EpollReactor
 from ds_trio.testing import assert_no_leaks
 
 from .helpers import Echo, pair, roundtrip, wait_for
@@ -287,9 +288,10 @@ async def test_trio_epoll_set_keeps_a_steady_registration(
             calls.append(("del", fd))
             self._epoll.unregister(fd)
 
-    monkeypatch.setattr(ds_trio._reactor.select, "epoll", CountingEpoll)
+    monkeypatch.setattr(select, "epoll", CountingEpoll)
     a, b = pair()
     watched = a.fileno()
+    reactor: EpollReactor | None = None
     with b:
         async with assert_no_leaks(), ds_trio.loop() as lp:
             reactor = lp._reactor
@@ -305,6 +307,7 @@ async def test_trio_epoll_set_keeps_a_steady_registration(
                 ("del", watched),
             ]
             lp.stop()
+        assert reactor is not None
         assert reactor.fileno() == -1  # closed with the loop
 
 

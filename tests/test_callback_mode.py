@@ -364,3 +364,48 @@ def test_bad_callback_settings_are_refused(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setenv("DS_TRIO_CALLBACKS", "on")
     with pytest.raises(ValueError, match="DS_TRIO_CALLBACKS must be 0 or 1"):
         ds_trio.loop()
+
+
+class Counting(DS):
+    """Reads everything, counts steps, and records the batch it stepped in."""
+
+    def __init__(self, sock: socket.socket, log: list[int]) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+        self.log = log
+        self.got = bytearray()
+
+    def event_step(self) -> None:
+        buf = bytearray()
+        while self.do_read(buf, 65536):
+            self.got += buf
+            del buf[:]
+        self.log.append(self._fd)
+
+
+@pytest.mark.parametrize("anyio_backend", [("trio", {})], ids=["trio"])
+async def test_trio_epoll_set_serves_more_ready_fds_than_one_batch(
+    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The seed takes at most 1000 events per epoll_wait; the rest wait for
+    # the next pass.  With batches of 2, seven ready objects all step, each
+    # exactly once per readiness, and nothing is lost.
+    monkeypatch.setattr(ds_trio._reactor, "MAX_EVENTS", 2)
+    pairs = [pair() for _ in range(7)]
+    log: list[int] = []
+    try:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            objs = [Counting(a, log) for a, _ in pairs]
+            for _, b in pairs:
+                b.sendall(b"ready")
+            await wait_for(lambda: all(bytes(o.got) == b"ready" for o in objs))
+            assert sorted(log) == sorted(o._fd for o in objs)
+            for _, b in pairs:
+                b.sendall(b"!")
+            await wait_for(lambda: all(bytes(o.got) == b"ready!" for o in objs))
+            assert len(log) == 14
+            for o in objs:
+                o.close()
+            lp.stop()
+    finally:
+        for _, b in pairs:
+            b.close()

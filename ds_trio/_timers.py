@@ -3,15 +3,21 @@
 The seed keeps ``@Timers`` sorted by a linear scan on insert (its comment says
 that beat heaps in Danga's benchmarks; that holds only for FIFO inserts, and
 with random deadlines it is thousands of times slower at 100k timers).  Here
-a binary heap of timers keeps inserts and pops logarithmic.  Each timer is a
-list whose first two items are its deadline and a number from one
-process-wide counter, so equal deadlines fire in insertion order (the seed's
-stable sort) and comparisons never reach the callback.
+a binary heap keeps inserts and pops logarithmic.  Its entries are
+``(deadline, seq)`` tuples, ``seq`` coming from one process-wide counter, so
+equal deadlines fire in insertion order (the seed's stable sort) and the heap
+compares floats and ints in C.  (Heap entries that were the timers
+themselves compared through ``Timer``'s Python-level ``__eq__`` slot:
+about twice the cost of an insert at a million timers.)  Such tuples hold
+only atoms, so CPython's cyclic GC untracks them and the heap adds nothing to
+its collections: a pending timer costs it one object, its :class:`Timer`.
+The live timers are found by ``seq`` in a dict.
 
 Cancellation is lazy, as in the seed (which cleared the coderef slot) and in
-trio's and asyncio's own timer heaps: a cancelled timer stays in the heap
-until it reaches the top, and the heap is compacted when more than half of it
-is dead, so cancelling never makes it grow without bound.
+trio's and asyncio's own timer heaps: a cancelled timer leaves the dict at
+once but its heap entry stays until it reaches the top, and the heap is
+compacted when more than half of it is dead, so cancelling never makes it
+grow without bound.
 
 This module does no I/O and knows nothing about tasks: the loop's driver asks
 it for due timers and for the next deadline.
@@ -52,11 +58,13 @@ class Timer(list[Any]):
     """A pending timer, as returned by :func:`ds_trio.add_timer`.
 
     The seed returned the raw ``[fire_time, coderef]`` array and callers
-    cancelled by clearing the coderef; here :meth:`cancel` does that.  The
-    timer *is* its heap entry - a list ``[deadline, seq, callback, args,
-    queue, name]`` - so the heap compares it in C (deadline, then the unique
-    sequence number) and an insert allocates one object, not two: a
-    million pending timers cost a million small lists.
+    cancelled by clearing the coderef; here :meth:`cancel` does that.  A
+    timer is a list ``[deadline, seq, callback, args, queue, name]`` (an
+    implementation detail): the queue's heap holds only ``(deadline, seq)``,
+    so timers are never compared by value, and they compare and hash by
+    identity.  Any Python object is tracked by CPython's cyclic GC (a
+    subclass of ``int`` with empty ``__slots__`` too), so one object per
+    pending timer is the least it can cost; this is that object.
     """
 
     __slots__ = ()
@@ -90,7 +98,7 @@ class Timer(list[Any]):
         queue = self[4]
         self[4] = None
         if queue is not None:
-            queue._note_cancelled()
+            queue._note_cancelled(self[1])
         return True
 
     def __repr__(self) -> str:
@@ -98,7 +106,9 @@ class Timer(list[Any]):
         return f"<Timer {state} deadline={self[0]:.6f} name={self[5]!r}>"
 
     # Identity semantics: two timers are never "equal" because they hold
-    # equal values, and a timer can be a dict key or in a set.
+    # equal values, and a timer can be a dict key or in a set.  These slot
+    # wrappers would make every comparison of timers a Python-level
+    # dispatch; the heap never compares timers, so that costs nothing.
     __eq__ = object.__eq__
     __ne__ = object.__ne__
     __hash__ = object.__hash__  # type: ignore[assignment]
@@ -113,18 +123,23 @@ class TimerQueue:
     task switch; ``on_empty`` when the last live timer is cancelled.
     """
 
-    __slots__ = ("_cancelled", "_heap", "clock", "on_empty", "on_new_head")
+    __slots__ = ("_heap", "_live", "clock", "on_empty", "on_new_head")
 
     def __init__(self, clock: Callable[[], float]) -> None:
-        self._heap: list[Timer] = []
-        self._cancelled = 0
+        # (deadline, seq) pairs of floats and ints: the GC untracks them, and
+        # the heap compares them in C.  Cancelled entries stay until they
+        # reach the top or a compaction drops them.
+        self._heap: list[tuple[float, int]] = []
+        # seq -> Timer for every live timer; an entry of the heap whose seq
+        # is missing here is dead.
+        self._live: dict[int, Timer] = {}
         self.clock = clock
         self.on_new_head: Callable[[float], object] | None = None
         self.on_empty: Callable[[], object] | None = None
 
     def __len__(self) -> int:
         """The number of live (not cancelled, not fired) timers."""
-        return len(self._heap) - self._cancelled
+        return len(self._live)
 
     def add(
         self,
@@ -135,22 +150,25 @@ class TimerQueue:
     ) -> Timer:
         """Insert a timer firing ``seconds`` from now (arguments pre-validated)."""
         deadline = self.clock() + seconds
-        timer = Timer((deadline, next(_seq), callback, args, self, name))
+        seq = next(_seq)
+        timer = Timer((deadline, seq, callback, args, self, name))
+        self._live[seq] = timer
         heap = self._heap
-        heapq.heappush(heap, timer)
-        if heap[0] is timer and self.on_new_head is not None:
+        entry = (deadline, seq)
+        heapq.heappush(heap, entry)
+        if heap[0] is entry and self.on_new_head is not None:
             self.on_new_head(deadline)
         return timer
 
     def next_deadline(self) -> float:
         """The earliest live deadline, or ``math.inf``."""
         heap = self._heap
+        live = self._live
         while heap:
-            head = heap[0]
-            if head[2] is not None:
-                return float(head[0])
+            deadline, seq = heap[0]
+            if seq in live:
+                return deadline
             heapq.heappop(heap)
-            self._cancelled -= 1
         return math.inf
 
     def pop_due(self, now: float) -> list[Timer]:
@@ -164,11 +182,11 @@ class TimerQueue:
         same batch does not fire: :meth:`fire` skips it.
         """
         heap = self._heap
+        live = self._live
         due = []
         while heap and heap[0][0] <= now:
-            timer = heapq.heappop(heap)
-            if timer[2] is None:
-                self._cancelled -= 1
+            timer = live.pop(heapq.heappop(heap)[1], None)
+            if timer is None:  # cancelled
                 continue
             timer[4] = None
             due.append(timer)
@@ -189,14 +207,15 @@ class TimerQueue:
         callback(*args)
         return True
 
-    def _note_cancelled(self) -> None:
-        self._cancelled += 1
+    def _note_cancelled(self, seq: int) -> None:
+        live = self._live
+        del live[seq]
         heap = self._heap
-        if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(heap):
-            self._heap = [timer for timer in heap if timer[2] is not None]
+        dead = len(heap) - len(live)
+        if dead > _COMPACT_MIN and dead * 2 > len(heap):
+            self._heap = [entry for entry in heap if entry[1] in live]
             heapq.heapify(self._heap)
-            self._cancelled = 0
-        if self.on_empty is not None and len(self) == 0:
+        if self.on_empty is not None and not live:
             self.on_empty()
 
     def adopt(self, other: TimerQueue) -> None:
@@ -208,22 +227,25 @@ class TimerQueue:
         is kept because the sequence number travels with the timer.
         """
         delta = self.clock() - other.clock()
-        moved = [timer for timer in other._heap if timer[2] is not None]
+        moved = other._live
         other._heap = []
-        other._cancelled = 0
+        other._live = {}
         heap = self._heap
-        for timer in moved:
+        live = self._live
+        for seq, timer in moved.items():
             timer[0] += delta
             timer[4] = self
-            heapq.heappush(heap, timer)
+            live[seq] = timer
+            heapq.heappush(heap, (timer[0], seq))
         if moved and self.on_new_head is not None:
             self.on_new_head(heap[0][0])
 
     def cancel_all(self) -> None:
         """Cancel every timer (loop teardown, ``Reset``)."""
-        heap, self._heap = self._heap, []
-        self._cancelled = 0
-        for timer in heap:
+        live = self._live
+        self._heap = []
+        self._live = {}
+        for timer in live.values():
             timer[4] = None
             timer[2] = None
             timer[3] = ()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 import random
 from collections.abc import Callable
@@ -330,6 +331,106 @@ def test_cancel_all_deactivates_every_timer() -> None:
     assert all(not t.active for t in timers)
     assert all(t.cancel() is False for t in timers)
     assert drain(queue) == []
+
+
+def test_pending_timers_cost_one_gc_tracked_object_each() -> None:
+    # The heap's (deadline, seq) pairs hold only atoms, so the GC untracks
+    # them: a collection walks the Timer handles, not a second object each.
+    queue = TimerQueue(FakeClock())
+    timers = [queue.add(float(i % 7), noop, (i,), i) for i in range(1000)]
+    gc.collect()
+    assert queue._heap
+    assert not any(gc.is_tracked(entry) for entry in queue._heap)
+    assert not gc.is_tracked(queue._heap[0])
+    assert drain(queue) == sorted(range(1000), key=lambda i: (i % 7, i))
+    assert all(not t.active for t in timers)
+
+
+def test_timers_compare_by_identity() -> None:
+    queue = TimerQueue(FakeClock())
+    # Same deadline, callback, args and name: still two different timers.
+    first = queue.add(1.0, noop, (), "same")
+    second = queue.add(1.0, noop, (), "same")
+    assert first == first
+    assert first != second
+    assert len({first, second, first}) == 2
+    assert {first: 1}[first] == 1
+    assert hash(first) != hash(second)
+    # Firing or cancelling does not change a timer's identity.
+    pending_hash = hash(first)
+    first.cancel()
+    second.cancel()
+    assert hash(first) == pending_hash
+    assert first != second
+
+
+def test_a_timer_is_truthy_in_every_state() -> None:
+    # ``later`` callers keep the returned timer as their "armed" guard.
+    queue = TimerQueue(FakeClock())
+    timer = queue.add(0.0, noop, ())
+    assert timer
+    assert queue.pop_due(0.0) == [timer]
+    assert TimerQueue.fire(timer)
+    assert timer
+
+
+def test_deadline_name_and_active_after_fire_cancel_and_adopt() -> None:
+    pending = TimerQueue(FakeClock(100.0))
+    fired = pending.add(1.0, noop, (), "fired")
+    cancelled = pending.add(2.0, noop, (), "cancelled")
+    adopted = pending.add(3.0, noop, (), "adopted")
+    assert cancelled.cancel() is True
+    assert (cancelled.deadline, cancelled.name, cancelled.active) == (
+        102.0,
+        "cancelled",
+        False,
+    )
+    running = TimerQueue(FakeClock(0.0))
+    running.adopt(pending)
+    assert (adopted.deadline, adopted.name, adopted.active) == (3.0, "adopted", True)
+    assert (fired.deadline, fired.name, fired.active) == (1.0, "fired", True)
+    # The cancelled one was not moved: its deadline stays on the old clock.
+    assert cancelled.deadline == 102.0
+    assert running.pop_due(1.0) == [fired]
+    assert fired.active is True  # batched, not yet run
+    assert TimerQueue.fire(fired) is True
+    assert (fired.deadline, fired.name, fired.active) == (1.0, "fired", False)
+    assert repr(fired) == "<Timer done deadline=1.000000 name='fired'>"
+    assert "active" in repr(adopted)
+    assert adopted.cancel() is True
+    assert adopted.cancel() is False
+    assert (adopted.deadline, adopted.name, adopted.active) == (3.0, "adopted", False)
+    assert len(running) == 0
+    assert running.next_deadline() == math.inf
+
+
+def test_cancel_is_idempotent_in_every_state() -> None:
+    queue = TimerQueue(FakeClock())
+    pending = queue.add(5.0, noop, ())
+    batched = queue.add(0.0, noop, ())
+    fired = queue.add(0.0, noop, ())
+    torn_down = queue.add(9.0, noop, ())
+    assert queue.pop_due(0.0) == [batched, fired]
+    assert TimerQueue.fire(fired) is True
+    assert [pending.cancel(), pending.cancel()] == [True, False]
+    assert [batched.cancel(), batched.cancel()] == [True, False]
+    assert TimerQueue.fire(batched) is False
+    assert [fired.cancel(), fired.cancel()] == [False, False]
+    queue.cancel_all()
+    assert [torn_down.cancel(), torn_down.cancel()] == [False, False]
+    assert len(queue) == 0
+
+
+def test_cancelling_a_popped_timer_leaves_the_live_count_alone() -> None:
+    queue = TimerQueue(FakeClock())
+    batched = queue.add(0.0, noop, ())
+    later = queue.add(1.0, noop, ())
+    assert queue.pop_due(0.0) == [batched]
+    assert batched.cancel() is True
+    assert len(queue) == 1
+    assert queue.next_deadline() == 1.0
+    assert drain(queue) == [None]
+    assert later.active is False
 
 
 @pytest.mark.parametrize("value", [0, 1, -3, 0.5, -0.25, 1e9])

@@ -1054,8 +1054,14 @@ def add_timer(seconds: float, callback: Callable[..., object], *args: Any) -> Ti
     """
     if not callable(callback):
         raise TypeError(f"timer callback must be callable, got {callback!r}")
-    delay = check_delay(seconds)
-    return _state().timers.add(delay, callback, args)
+    # Inlined for the common case (a finite float, inside a loop's context):
+    # a million pending timers are inserted at one call each.
+    if type(seconds) is not float or seconds - seconds != 0.0:
+        seconds = check_delay(seconds)
+    state: _State | None = _current.get()
+    if state is None:
+        state = _state()
+    return state.timers.add(seconds, callback, args)
 
 
 def requeue(item: Any) -> None:

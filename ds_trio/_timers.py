@@ -3,21 +3,15 @@
 The seed keeps ``@Timers`` sorted by a linear scan on insert (its comment says
 that beat heaps in Danga's benchmarks; that holds only for FIFO inserts, and
 with random deadlines it is thousands of times slower at 100k timers).  Here
-a binary heap keeps inserts and pops logarithmic.  Its entries are
-``(deadline, seq)`` tuples, ``seq`` coming from one process-wide counter, so
-equal deadlines fire in insertion order (the seed's stable sort) and the heap
-compares floats and ints in C.  (Heap entries that were the timers
-themselves compared through ``Timer``'s Python-level ``__eq__`` slot:
-about twice the cost of an insert at a million timers.)  Such tuples hold
-only atoms, so CPython's cyclic GC untracks them and the heap adds nothing to
-its collections: a pending timer costs it one object, its :class:`Timer`.
-The live timers are found by ``seq`` in a dict.
+a binary heap of timers keeps inserts and pops logarithmic.  Each timer is a
+list whose first two items are its deadline and a number from one
+process-wide counter, so equal deadlines fire in insertion order (the seed's
+stable sort) and comparisons never reach the callback.
 
 Cancellation is lazy, as in the seed (which cleared the coderef slot) and in
-trio's and asyncio's own timer heaps: a cancelled timer leaves the dict at
-once but its heap entry stays until it reaches the top, and the heap is
-compacted when more than half of it is dead, so cancelling never makes it
-grow without bound.
+trio's and asyncio's own timer heaps: a cancelled timer stays in the heap
+until it reaches the top, and the heap is compacted when more than half of it
+is dead, so cancelling never makes it grow without bound.
 
 This module does no I/O and knows nothing about tasks: the loop's driver asks
 it for due timers and for the next deadline.
@@ -38,6 +32,7 @@ __all__ = ["Timer", "TimerQueue", "check_delay"]
 _COMPACT_MIN: Final = 64
 
 _seq = itertools.count()
+_heappush = heapq.heappush
 
 
 def check_delay(seconds: object) -> float:
@@ -58,13 +53,11 @@ class Timer(list[Any]):
     """A pending timer, as returned by :func:`ds_trio.add_timer`.
 
     The seed returned the raw ``[fire_time, coderef]`` array and callers
-    cancelled by clearing the coderef; here :meth:`cancel` does that.  A
-    timer is a list ``[deadline, seq, callback, args, queue, name]`` (an
-    implementation detail): the queue's heap holds only ``(deadline, seq)``,
-    so timers are never compared by value, and they compare and hash by
-    identity.  Any Python object is tracked by CPython's cyclic GC (a
-    subclass of ``int`` with empty ``__slots__`` too), so one object per
-    pending timer is the least it can cost; this is that object.
+    cancelled by clearing the coderef; here :meth:`cancel` does that.  The
+    timer *is* its heap entry - a list ``[deadline, seq, callback, args,
+    queue, name]`` - so the heap compares it in C (deadline, then the unique
+    sequence number) and an insert allocates one object, not two: a
+    million pending timers cost a million small lists.
     """
 
     __slots__ = ()
@@ -98,7 +91,7 @@ class Timer(list[Any]):
         queue = self[4]
         self[4] = None
         if queue is not None:
-            queue._note_cancelled(self[1])
+            queue._note_cancelled()
         return True
 
     def __repr__(self) -> str:
@@ -106,11 +99,12 @@ class Timer(list[Any]):
         return f"<Timer {state} deadline={self[0]:.6f} name={self[5]!r}>"
 
     # Identity semantics: two timers are never "equal" because they hold
-    # equal values, and a timer can be a dict key or in a set.  These slot
-    # wrappers would make every comparison of timers a Python-level
-    # dispatch; the heap never compares timers, so that costs nothing.
-    __eq__ = object.__eq__
-    __ne__ = object.__ne__
+    # equal values, and a timer can be a dict key or in a set.
+    # Hashable by identity (a timer can be a dict key or in a set).  No
+    # __eq__ override: the heap compares timers with list's C comparison,
+    # and an object.__eq__ slot made each comparison a Python-level
+    # dispatch (1M inserts: 1.5 s of heappush, not 0.9).  The unique seq
+    # makes two different timers unequal all the same.
     __hash__ = object.__hash__  # type: ignore[assignment]
 
 
@@ -123,23 +117,18 @@ class TimerQueue:
     task switch; ``on_empty`` when the last live timer is cancelled.
     """
 
-    __slots__ = ("_heap", "_live", "clock", "on_empty", "on_new_head")
+    __slots__ = ("_cancelled", "_heap", "clock", "on_empty", "on_new_head")
 
     def __init__(self, clock: Callable[[], float]) -> None:
-        # (deadline, seq) pairs of floats and ints: the GC untracks them, and
-        # the heap compares them in C.  Cancelled entries stay until they
-        # reach the top or a compaction drops them.
-        self._heap: list[tuple[float, int]] = []
-        # seq -> Timer for every live timer; an entry of the heap whose seq
-        # is missing here is dead.
-        self._live: dict[int, Timer] = {}
+        self._heap: list[Timer] = []
+        self._cancelled = 0
         self.clock = clock
         self.on_new_head: Callable[[float], object] | None = None
         self.on_empty: Callable[[], object] | None = None
 
     def __len__(self) -> int:
         """The number of live (not cancelled, not fired) timers."""
-        return len(self._live)
+        return len(self._heap) - self._cancelled
 
     def add(
         self,
@@ -150,25 +139,22 @@ class TimerQueue:
     ) -> Timer:
         """Insert a timer firing ``seconds`` from now (arguments pre-validated)."""
         deadline = self.clock() + seconds
-        seq = next(_seq)
-        timer = Timer((deadline, seq, callback, args, self, name))
-        self._live[seq] = timer
+        timer = Timer((deadline, next(_seq), callback, args, self, name))
         heap = self._heap
-        entry = (deadline, seq)
-        heapq.heappush(heap, entry)
-        if heap[0] is entry and self.on_new_head is not None:
+        _heappush(heap, timer)
+        if heap[0] is timer and self.on_new_head is not None:
             self.on_new_head(deadline)
         return timer
 
     def next_deadline(self) -> float:
         """The earliest live deadline, or ``math.inf``."""
         heap = self._heap
-        live = self._live
         while heap:
-            deadline, seq = heap[0]
-            if seq in live:
-                return deadline
+            head = heap[0]
+            if head[2] is not None:
+                return float(head[0])
             heapq.heappop(heap)
+            self._cancelled -= 1
         return math.inf
 
     def pop_due(self, now: float) -> list[Timer]:
@@ -182,11 +168,11 @@ class TimerQueue:
         same batch does not fire: :meth:`fire` skips it.
         """
         heap = self._heap
-        live = self._live
         due = []
         while heap and heap[0][0] <= now:
-            timer = live.pop(heapq.heappop(heap)[1], None)
-            if timer is None:  # cancelled
+            timer = heapq.heappop(heap)
+            if timer[2] is None:
+                self._cancelled -= 1
                 continue
             timer[4] = None
             due.append(timer)
@@ -207,15 +193,14 @@ class TimerQueue:
         callback(*args)
         return True
 
-    def _note_cancelled(self, seq: int) -> None:
-        live = self._live
-        del live[seq]
+    def _note_cancelled(self) -> None:
+        self._cancelled += 1
         heap = self._heap
-        dead = len(heap) - len(live)
-        if dead > _COMPACT_MIN and dead * 2 > len(heap):
-            self._heap = [entry for entry in heap if entry[1] in live]
+        if self._cancelled > _COMPACT_MIN and self._cancelled * 2 > len(heap):
+            self._heap = [timer for timer in heap if timer[2] is not None]
             heapq.heapify(self._heap)
-        if self.on_empty is not None and not live:
+            self._cancelled = 0
+        if self.on_empty is not None and len(self) == 0:
             self.on_empty()
 
     def adopt(self, other: TimerQueue) -> None:
@@ -227,25 +212,22 @@ class TimerQueue:
         is kept because the sequence number travels with the timer.
         """
         delta = self.clock() - other.clock()
-        moved = other._live
+        moved = [timer for timer in other._heap if timer[2] is not None]
         other._heap = []
-        other._live = {}
+        other._cancelled = 0
         heap = self._heap
-        live = self._live
-        for seq, timer in moved.items():
+        for timer in moved:
             timer[0] += delta
             timer[4] = self
-            live[seq] = timer
-            heapq.heappush(heap, (timer[0], seq))
+            heapq.heappush(heap, timer)
         if moved and self.on_new_head is not None:
             self.on_new_head(heap[0][0])
 
     def cancel_all(self) -> None:
         """Cancel every timer (loop teardown, ``Reset``)."""
-        live = self._live
-        self._heap = []
-        self._live = {}
-        for timer in live.values():
+        heap, self._heap = self._heap, []
+        self._cancelled = 0
+        for timer in heap:
             timer[4] = None
             timer[2] = None
             timer[3] = ()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import random
 from collections.abc import Callable
@@ -331,19 +330,6 @@ def test_cancel_all_deactivates_every_timer() -> None:
     assert all(not t.active for t in timers)
     assert all(t.cancel() is False for t in timers)
     assert drain(queue) == []
-
-
-def test_pending_timers_cost_one_gc_tracked_object_each() -> None:
-    # The heap's (deadline, seq) pairs hold only atoms, so the GC untracks
-    # them: a collection walks the Timer handles, not a second object each.
-    queue = TimerQueue(FakeClock())
-    timers = [queue.add(float(i % 7), noop, (i,), i) for i in range(1000)]
-    gc.collect()
-    assert queue._heap
-    assert not any(gc.is_tracked(entry) for entry in queue._heap)
-    assert not gc.is_tracked(queue._heap[0])
-    assert drain(queue) == sorted(range(1000), key=lambda i: (i % 7, i))
-    assert all(not t.active for t in timers)
 
 
 def test_timers_compare_by_identity() -> None:

@@ -42,6 +42,7 @@ from ._loop import (
     _state,
     requeue,
 )
+from ._reactor import EpollReactor
 
 if TYPE_CHECKING:
     from ._backend import CancelScopeLike, Parked, Reactor
@@ -780,10 +781,15 @@ class DS:
         if sock is None or self._ds_external or want == _BOTH or _tls.is_tls(sock):
             self._cb_release()
             return
-        if self._wait_dir == want:
+        have = self._wait_dir
+        if have == want:
+            return
+        fd = self._fd
+        if have and want and type(aio_loop) is EpollReactor:
+            aio_loop.switch(fd, self._cb_ready, want == _IN)
+            self._wait_dir = want
             return
         self._cb_unregister(aio_loop)
-        fd = self._fd
         if want == _IN:
             aio_loop.add_reader(fd, self._cb_ready)
         elif want == _OUT:

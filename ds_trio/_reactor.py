@@ -132,6 +132,21 @@ class EpollReactor:
         self._update(fd)
         return True
 
+    def switch(self, fd: int, callback: Callable[[], object], readable: bool) -> None:
+        """Move ``fd``'s one callback to the other direction.
+
+        One ``EPOLL_CTL_MOD`` where ``remove_*`` then ``add_*`` would cost a
+        DEL and an ADD: an object streaming a response switches between
+        reading and writing for every chunk the socket does not take.
+        """
+        if readable:
+            self._writers.pop(fd, None)
+            self._readers[fd] = callback
+        else:
+            self._readers.pop(fd, None)
+            self._writers[fd] = callback
+        self._update(fd)
+
     def _update(self, fd: int) -> None:
         mask = (_READ if fd in self._readers else 0) | (
             _WRITE if fd in self._writers else 0

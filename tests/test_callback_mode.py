@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import types
 from typing import Any
 
 import anyio
@@ -41,6 +42,39 @@ def anyio_backend(
         pytest.importorskip("uvloop")
     monkeypatch.delenv("DS_TRIO_CALLBACKS", raising=False)  # the default: on
     return request.param
+
+
+@pytest.fixture
+def epoll_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Record the (kind, fd) of every epoll_ctl of the loops' epoll sets."""
+    calls: list[tuple[str, int]] = []
+    real_epoll = select.epoll
+
+    class CountingEpoll:  # select.epoll cannot be subclassed
+        def __init__(self) -> None:
+            self._epoll = real_epoll()
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self._epoll, name)
+
+        def register(self, fd: int, eventmask: int) -> None:
+            calls.append(("add", fd))
+            self._epoll.register(fd, eventmask)
+
+        def modify(self, fd: int, eventmask: int) -> None:
+            calls.append(("mod", fd))
+            self._epoll.modify(fd, eventmask)
+
+        def unregister(self, fd: int) -> None:
+            calls.append(("del", fd))
+            self._epoll.unregister(fd)
+
+    # Only the loop's epoll set: trio's own poller (created before the test
+    # body runs) must not be counted.
+    monkeypatch.setattr(
+        "ds_trio._reactor.select", types.SimpleNamespace(epoll=CountingEpoll)
+    )
+    return calls
 
 
 @pytest.mark.parametrize("anyio_backend", [("asyncio", {})], ids=["asyncio"])
@@ -260,35 +294,13 @@ async def test_a_short_read_skips_the_next_recv_but_loses_nothing(
 
 @pytest.mark.parametrize("anyio_backend", [("trio", {})], ids=["trio"])
 async def test_trio_epoll_set_keeps_a_steady_registration(
-    anyio_backend: Any, monkeypatch: pytest.MonkeyPatch
+    anyio_backend: Any, epoll_calls: list[tuple[str, int]]
 ) -> None:
     # The trio loop's epoll set: one EPOLL_CTL_ADD for 50 one-shot steps
     # (each re-armed by do_read's EAGAIN), one DEL on close, and the set's
     # own fd closed with the loop.
-    calls: list[tuple[str, int]] = []
+    calls = epoll_calls
 
-    real_epoll = select.epoll
-
-    class CountingEpoll:  # select.epoll cannot be subclassed
-        def __init__(self) -> None:
-            self._epoll = real_epoll()
-
-        def __getattr__(self, name: str) -> Any:
-            return getattr(self._epoll, name)
-
-        def register(self, fd: int, eventmask: int) -> None:
-            calls.append(("add", fd))
-            self._epoll.register(fd, eventmask)
-
-        def modify(self, fd: int, eventmask: int) -> None:
-            calls.append(("mod", fd))
-            self._epoll.modify(fd, eventmask)
-
-        def unregister(self, fd: int) -> None:
-            calls.append(("del", fd))
-            self._epoll.unregister(fd)
-
-    monkeypatch.setattr(select, "epoll", CountingEpoll)
     a, b = pair()
     watched = a.fileno()
     reactor: EpollReactor | None = None
@@ -409,3 +421,42 @@ async def test_trio_epoll_set_serves_more_ready_fds_than_one_batch(
     finally:
         for _, b in pairs:
             b.close()
+
+
+class ReadThenWrite(DS):
+    """Reads a line with EPOLLIN, answers it under EPOLLOUT, and back."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, EPOLLIN | EPOLLONESHOT)
+        self.pending = b""
+
+    def event_step(self) -> None:
+        if self.pending:
+            self.sock.send(self.pending)
+            self.pending = b""
+            self.epwait(EPOLLIN | EPOLLONESHOT)
+            return
+        buf = bytearray()
+        if self.do_read(buf, 65536):
+            self.pending = bytes(buf)
+            self.epwait(EPOLLOUT | EPOLLONESHOT)
+
+
+@pytest.mark.parametrize("anyio_backend", [("trio", {})], ids=["trio"])
+async def test_trio_epoll_set_switches_direction_in_one_modify(
+    anyio_backend: Any, epoll_calls: list[tuple[str, int]]
+) -> None:
+    calls = epoll_calls
+    a, b = pair()
+    watched = a.fileno()
+    with b:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            obj = ReadThenWrite(a)
+            for i in range(10):
+                line = b"turn %d\n" % i
+                assert await roundtrip(b, line) == line
+            obj.close()
+            lp.stop()
+    mine = [kind for kind, fd in calls if fd == watched]
+    # IN -> OUT -> IN per line: two EPOLL_CTL_MODs, never a DEL and an ADD.
+    assert mine == ["add"] + ["mod"] * 20 + ["del"]

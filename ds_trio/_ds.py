@@ -848,7 +848,14 @@ class DS:
             or self._ev & _BOTH != self._wait_dir
             or self._ds_external
         ) and self._ds_cb is not None:
-            self._cb_arm()
+            try:
+                self._cb_arm()
+            except Exception as exc:
+                # The kernel refused the new interest (an fd closed behind
+                # the object's back: EBADF): the loop's policy decides, as
+                # for the step itself, instead of the event loop's handler
+                # (asyncio) or the end of every object (trio's epoll set).
+                state.failed(exc, self, self)
 
     async def _async_step(self) -> None:
         # drained() checks this: only the object's own step may await it.

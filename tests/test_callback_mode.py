@@ -460,3 +460,35 @@ async def test_trio_epoll_set_switches_direction_in_one_modify(
     mine = [kind for kind, fd in calls if fd == watched]
     # IN -> OUT -> IN per line: two EPOLL_CTL_MODs, never a DEL and an ADD.
     assert mine == ["add"] + ["mod"] * 20 + ["del"]
+
+
+class ClosesBehindItsBack(DS):
+    """Closes its raw socket (a bug), then asks for writing."""
+
+    def event_step(self) -> None:
+        buf = bytearray()
+        self.do_read(buf, 100)
+        self.sock.close()
+        self.epwait(EPOLLOUT | EPOLLONESHOT)
+
+
+async def test_a_refused_registration_follows_the_policy(
+    anyio_backend: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The kernel refuses the new interest (EBADF) after the step: the
+    # object is closed and logged under errors="log", and the loop and its
+    # other objects go on - on trio the epoll set's task must not die.
+    a, b = pair()
+    c, d = pair()
+    with b, d:
+        async with assert_no_leaks(), ds_trio.loop(errors="log") as lp:
+            buggy = ClosesBehindItsBack(a)
+            Echo(c)
+            b.sendall(b"x")
+            await wait_for(lambda: buggy.sock is None)
+            assert await roundtrip(d, b"still served\n") == b"still served\n"
+            lp.stop()
+    assert any(
+        "ClosesBehindItsBack" in r.getMessage() and r.name == "ds_trio.loop"
+        for r in caplog.records
+    )

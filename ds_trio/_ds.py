@@ -752,10 +752,10 @@ class DS:
     # an asyncio Protocol; on trio a task switch and an epoll_ctl.  The
     # object's task parks for its lifetime instead while the fd stays
     # registered with the event loop (on trio: the loop's EpollReactor) and
-    # readiness calls event_step directly.  The registration is kept across steps while
-    # the interest stays the same (one-shot is applied to _ev, and the
-    # registration dropped only if the step did not re-arm it), so a
-    # request costs no epoll_ctl at all.  Async steps, TLS (decrypted
+    # readiness calls event_step directly.  The registration is kept across
+    # steps while the interest stays the same (one-shot is applied to _ev,
+    # and the registration dropped only if the step did not re-arm it), so
+    # a request costs no epoll_ctl at all.  Async steps, TLS (decrypted
     # bytes never make the fd readable) and EPOLLIN|EPOLLOUT go back to
     # the task's waits.
     # ------------------------------------------------------------------

@@ -98,9 +98,7 @@ class Timer(list[Any]):
         state = "active" if self.active else "done"
         return f"<Timer {state} deadline={self[0]:.6f} name={self[5]!r}>"
 
-    # Identity semantics: two timers are never "equal" because they hold
-    # equal values, and a timer can be a dict key or in a set.
-    # Hashable by identity (a timer can be a dict key or in a set).  No
+    # Hashable by identity, so a timer can be a dict key or in a set.  No
     # __eq__ override: the heap compares timers with list's C comparison,
     # and an object.__eq__ slot made each comparison a Python-level
     # dispatch (1M inserts: 1.5 s of heappush, not 0.9).  The unique seq

@@ -58,6 +58,8 @@ MSG_MORE: Final = getattr(socket, "MSG_MORE", 0)
 
 _ONESHOT: Final = 1 << 30
 _EPOLLOUT_ONESHOT: Final = 0x004 | _ONESHOT
+_PlainSocket: Final = socket.socket
+_os_write: Final = os.write
 # How much one read+send round moves when sendfile cannot be used, as the
 # seed's send_tmpio.
 _CHUNK: Final = 65536
@@ -318,9 +320,10 @@ def write(obj: DS, data: WriteItem) -> bool:
         _enqueue(obj, data, _bytes_view(data), queue)
         return False
     view: memoryview | None
-    if type(data) is not bytes or type(sock) is not socket.socket:
+    plain = type(sock) is _PlainSocket
+    if type(data) is not bytes or not plain:
         view = _bytes_view(data)
-        if type(sock) is not socket.socket and view.nbytes > _CHUNK:
+        if not plain and view.nbytes > _CHUNK:
             # OpenSSL may have put part of a failed SSL_write on the wire,
             # and insists the retry passes at least as many bytes; the retry
             # comes from the spill file in _CHUNK pieces, so never try more.
@@ -328,7 +331,10 @@ def write(obj: DS, data: WriteItem) -> bool:
     else:
         view = None
     try:
-        written = sock.send(data)
+        # write(2) on a plain socket's own fd is send(2) without flags,
+        # through a fast-call C function (send() builds and parses an
+        # argument tuple).
+        written = _os_write(sock.fileno(), data) if plain else sock.send(data)
     except BlockingIOError:
         obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
         written = 0

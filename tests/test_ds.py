@@ -374,3 +374,51 @@ async def test_event_step_must_be_defined() -> None:
                 b.send(b"x")
     finally:
         b.close()
+
+
+class _CountingSocket(socket.socket):
+    """A socket subclass that overrides recv and send, as wrappers do."""
+
+    recvs = 0
+    sends = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        type(self).recvs += 1
+        return super().recv(bufsize, flags)
+
+    def send(self, data: object, flags: int = 0) -> int:
+        type(self).sends += 1
+        return super().send(data, flags)  # type: ignore[arg-type]
+
+
+class _Echo(DS):
+    def event_step(self) -> None:
+        if not self.flush_write() or self.sock is None:
+            return
+        buf = bytearray()
+        while self.do_read(buf, 4096):
+            self.write(bytes(buf))
+            buf = bytearray()
+
+
+async def test_socket_subclass_overrides_of_recv_and_send_are_used() -> None:
+    # Plain sockets are read and written with read(2)/write(2) on their fd
+    # (the same syscalls without flags, through faster C calls); a subclass
+    # must still get its own recv/send called.
+    a, b = socketpair()
+    sub = _CountingSocket(fileno=a.detach())
+    _CountingSocket.recvs = _CountingSocket.sends = 0
+    try:
+        async with ds_trio.loop() as loop:
+            _Echo(sub)
+            b.send(b"ping")
+            with anyio.fail_after(10):
+                got = b""
+                while got != b"ping":
+                    await anyio.wait_readable(b)
+                    got += b.recv(100)
+            assert _CountingSocket.recvs >= 1
+            assert _CountingSocket.sends == 1
+            loop.stop()
+    finally:
+        b.close()

@@ -328,7 +328,8 @@ def write(obj: DS, data: WriteItem) -> bool:
     else:
         view = None
     try:
-        written = sock.send(data)
+        # Not a socket (a pipe): write(2), as the seed's syswrite does.
+        written = sock.send(data) if obj._ds_is_socket else os.write(obj._fd, data)
     except BlockingIOError:
         obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
         written = 0
@@ -380,6 +381,21 @@ def write_file(obj: DS, file: Any, offset: int, length: int | None) -> bool:
     return flush_write(obj)
 
 
+class _FdOut:
+    """``send`` for an object that is not a socket (a pipe): ``write(2)``.
+
+    The seed's ``syswrite`` writes to any handle; ``send`` is for sockets.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, data: Any) -> int:
+        return os.write(self.fd, data)
+
+
 def _tls_blocked(obj: DS, exc: BaseException) -> None:
     # A TLS write may need to read first (renegotiation, key update): wait
     # for whatever direction OpenSSL asked for - the seed's epbit().
@@ -409,12 +425,13 @@ def flush_write(obj: DS) -> bool:
     if queue is None:
         return True
     use_sendfile = obj._ds_sendfile_ok()
+    out = sock if obj._ds_is_socket else _FdOut(obj._fd)
     while queue:
         head = queue[0]
         entry_type = type(head)
         if entry_type is Held or entry_type is Spill:
             try:
-                while head.send(sock, use_sendfile):
+                while head.send(out, use_sendfile):
                     pass
             except BlockingIOError:
                 obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))

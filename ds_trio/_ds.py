@@ -533,7 +533,9 @@ class DS:
         )
 
     def _ds_msg_more_ok(self) -> bool:
-        return not isinstance(self.sock, ssl.SSLSocket)
+        # send(MSG_MORE) on a pipe fails (ENOTSOCK) and the seed then
+        # writes: go straight to write.
+        return self._ds_is_socket and not isinstance(self.sock, ssl.SSLSocket)
 
     # ------------------------------------------------------------------
     # Idle expiry

@@ -333,8 +333,13 @@ def write(obj: DS, data: WriteItem) -> bool:
     try:
         # write(2) on a plain socket's own fd is send(2) without flags,
         # through a fast-call C function (send() builds and parses an
-        # argument tuple).
-        written = _os_write(sock.fileno(), data) if plain else sock.send(data)
+        # argument tuple); on a pipe it is the seed's syswrite.
+        if plain:
+            written = _os_write(sock.fileno(), data)
+        elif obj._ds_is_socket:
+            written = sock.send(data)
+        else:
+            written = _os_write(obj._fd, data)
     except BlockingIOError:
         obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))
         written = 0
@@ -386,6 +391,21 @@ def write_file(obj: DS, file: Any, offset: int, length: int | None) -> bool:
     return flush_write(obj)
 
 
+class _FdOut:
+    """``send`` for an object that is not a socket (a pipe): ``write(2)``.
+
+    The seed's ``syswrite`` writes to any handle; ``send`` is for sockets.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def send(self, data: Any) -> int:
+        return os.write(self.fd, data)
+
+
 def _tls_blocked(obj: DS, exc: BaseException) -> None:
     # A TLS write may need to read first (renegotiation, key update): wait
     # for whatever direction OpenSSL asked for - the seed's epbit().
@@ -415,12 +435,13 @@ def flush_write(obj: DS) -> bool:
     if queue is None:
         return True
     use_sendfile = obj._ds_sendfile_ok()
+    out = sock if obj._ds_is_socket else _FdOut(obj._fd)
     while queue:
         head = queue[0]
         entry_type = type(head)
         if entry_type is Held or entry_type is Spill:
             try:
-                while head.send(sock, use_sendfile):
+                while head.send(out, use_sendfile):
                     pass
             except BlockingIOError:
                 obj.epwait(obj.epbit(_EPOLLOUT_ONESHOT))

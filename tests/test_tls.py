@@ -905,6 +905,106 @@ async def test_tls_shutdown_to_a_peer_that_never_reads_ends_after_the_timeout(
         assert obj.sock is None  # closed by the bound
 
 
+class QueuedQuitLineServer(PatientLineServer):
+    """``SENDQUIT <n>``: ``payload(n)``, then ``shutdn`` queued behind it."""
+
+    def handle(self, line: bytes, rbuf: bytearray) -> bool:
+        if line.startswith(b"SENDQUIT "):
+            self.write(bytearray(payload(int(line[9:]))))
+            self.shutdn_results.append(self.write(DS.shutdn))
+            return False
+        return super().handle(line, rbuf)
+
+
+async def test_shutdn_queued_behind_output_runs_after_it_then_sends_close_notify(
+    certs: Certs,
+) -> None:
+    # Seed pattern (docs: "Queue the shutdown behind it"): the shutdown is
+    # a callable in wbuf, run by flush_write once every byte queued before
+    # it went out; its TLS step then sends close_notify and closes.
+    n = 2 * MiB
+
+    def factory(conn: socket.socket) -> DS:
+        return QueuedQuitLineServer(conn, certs.server, implicit_tls=True)
+
+    async with (
+        serving(factory, sndbuf=65536) as srv,
+        await BioClient.connect(srv.port, certs.client, rcvbuf=65536) as client,
+    ):
+        with anyio.fail_after(20):
+            await client.handshake()
+            await client.send(b"SENDQUIT %d\n" % n)
+            obj = srv.obj(0)
+            await wait_for(lambda: obj.shutdn_results != [])
+            assert obj.shutdn_results == [False]  # queued, not run
+            assert obj.sock is not None
+            assert obj.wbuf is not None
+            assert obj.wbuf[-1] is DS.shutdn  # behind the output
+            assert spill_entry_count(obj.wbuf) == 1
+            assert await client.recv_until_eof() == payload(n)
+            assert client.eof == "close_notify"
+            await wait_for(lambda: obj.sock is None)
+            assert obj.wbuf is None
+
+
+class GreetingCallableEcho(Echo):
+    """Implicit TLS whose greeting is a callable queued behind the handshake.
+
+    The seed's NNTP/IMAP objects start with ``wbuf = [accept_tls_step,
+    greet]``: ``greet`` must run only once the handshake is complete, and
+    never if it fails.
+    """
+
+    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+        super().__init__(sock, ctx)
+        self.greeted: list[bool] = []
+        self.write(self.greet)
+
+    @staticmethod
+    def greet(obj: DS) -> None:
+        assert isinstance(obj, GreetingCallableEcho)
+        obj.greeted.append(obj.handshake_complete())
+        obj.write(b"* OK ready\n")
+
+    def handshake_complete(self) -> bool:
+        sock = self.sock
+        return isinstance(sock, ssl.SSLSocket) and sock.version() is not None
+
+
+async def test_callable_queued_behind_a_stalled_handshake_runs_only_after_it(
+    certs: Certs, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with (
+        serving(lambda c: GreetingCallableEcho(c, certs.server)) as srv,
+        await BioClient.connect(srv.port, certs.client) as client,
+        await anyio.connect_tcp(HOST, srv.port) as garbage,
+    ):
+        hello = client.client_hello()
+        await client.stream.send(hello[: len(hello) // 2])
+        await wait_for(lambda: len(srv.acceptor.accepted) == 2)
+        slow, bad = srv.obj(0), srv.obj(1)
+        await wait_for(settled_mid_handshake(slow))
+        assert [head_step(slow), len(slow.wbuf or ())] == ["accept_tls_step", 2]
+        assert slow.greeted == []
+        # A failed handshake closes that client: its queued greeting never
+        # runs (close discards the queue), and nothing is written.
+        await garbage.send(b"\x16\x03\x01\x00\x05\xff\xff\xff\xff\xff")
+        with anyio.fail_after(10):
+            assert b"OK ready" not in await plain_eof(garbage)
+        assert bad.sock is None
+        assert bad.greeted == []
+        assert mid_handshake(slow)  # untouched
+        assert slow.greeted == []
+        await client.stream.send(hello[len(hello) // 2 :])
+        with anyio.fail_after(10):
+            await client.handshake()
+            assert await client.recv_exactly(11) == b"* OK ready\n"
+        assert slow.greeted == [True]
+        await client.send(b"echo\n")
+        with anyio.fail_after(10):
+            assert await client.recv_exactly(5) == b"echo\n"
+
+
 class Idle(DS):
     def event_step(self) -> None:
         pass

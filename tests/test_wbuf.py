@@ -946,6 +946,92 @@ async def test_msg_more_partial_send_spills_the_rest_and_arms_epollout() -> None
 
 
 # ----------------------------------------------------------------------
+# 4b. Pipes: the seed's write is syswrite, which any handle takes
+# ----------------------------------------------------------------------
+
+
+class PipeWriter(DS):
+    """Flushes every step, like Flusher, over the write end of a pipe."""
+
+    def __init__(self, pipe: Any) -> None:
+        super().__init__(pipe, 0)
+        self.steps = 0
+
+    def event_step(self) -> None:
+        self.steps += 1
+        self.flush_write()
+
+
+@contextlib.contextmanager
+def pipe_pair() -> Iterator[tuple[int, Any]]:
+    """(non-blocking read fd, unbuffered write-end file object) of a pipe."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    writer = os.fdopen(w, "wb", buffering=0)
+    try:
+        yield r, writer
+    finally:
+        os.close(r)
+        writer.close()
+
+
+async def read_pipe(fd: int, n: int) -> bytes:
+    got = bytearray()
+    with anyio.fail_after(10):
+        while len(got) < n:
+            await anyio.wait_readable(fd)
+            try:
+                data = os.read(fd, n - len(got))
+            except BlockingIOError:
+                continue
+            assert data, "pipe closed early"
+            got += data
+    return bytes(got)
+
+
+async def test_writes_to_a_pipe_object_queue_and_flush_as_on_a_socket() -> None:
+    # The seed's write, flush_write (send_tmpio) and msg_more use syswrite
+    # and send on whatever handle the object holds; DS objects may be
+    # pipes.  Regression: ds_trio called .send() on the pipe's file object.
+    data = payload(MiB)
+    ran: list[int] = []
+    with pipe_pair() as (r, writer):
+        async with ds_trio.loop() as loop:
+            obj = PipeWriter(writer)
+            assert obj.write(b"idle;") is True
+            assert obj.msg_more(b"more;") is True  # not a socket: write
+            assert await read_pipe(r, 10) == b"idle;more;"
+            assert obj.write(data) is False  # the pipe takes 64 KiB at most
+            assert spills(obj)
+            assert obj.write(b"tail;") is False
+            assert obj.write(lambda o: ran.append(len(data))) is False
+            assert obj.msg_more(b"last") is False  # queued: behind the rest
+            expected = data + b"tail;last"
+            assert await read_pipe(r, len(expected)) == expected
+            await wait_for(lambda: obj.wbuf is None)
+            assert ran == [len(data)]
+            assert obj.steps > 0
+            assert obj.sock is writer
+            loop.stop()
+
+
+@pytest.mark.parametrize("method", ["write", "msg_more"])
+async def test_write_to_a_pipe_without_reader_closes_the_object(method: str) -> None:
+    r, w = os.pipe()
+    with os.fdopen(w, "wb", buffering=0) as writer:
+        async with ds_trio.loop() as loop:
+            obj = PipeWriter(writer)
+            send = getattr(obj, method)
+            assert send(b"x") is True
+            os.close(r)
+            assert send(b"to nobody") is False  # EPIPE
+            assert obj.sock is None
+            assert obj.wbuf is None
+            loop.stop()
+        assert writer.closed
+
+
+# ----------------------------------------------------------------------
 # 5. The DS pattern end to end
 # ----------------------------------------------------------------------
 

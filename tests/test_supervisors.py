@@ -941,6 +941,80 @@ async def test_cancelled_loop_ends_promptly_and_leaves_no_zombie() -> None:
     assert calls == []
 
 
+async def test_dwaitpid_without_a_callback_reaps_the_child() -> None:
+    # The seed's reap_pids calls back only "elsif ($cb)": ProcessPipe's
+    # CLOSE registers its pid with no callback at all, just to reap it.
+    release_r, release_w = os.pipe()
+    try:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            pid = fork_child(2, wait_fd=release_r, close_fd=release_w)
+            ds_trio.dwaitpid(pid, None)
+            assert pid in lp.children
+            os.write(release_w, b"x")
+            await wait_until_reaped(pid)
+            await anyio.wait_all_tasks_blocked()
+            assert pid not in lp.children
+    finally:
+        os.close(release_r)
+        os.close(release_w)
+
+
+@pytest.mark.parametrize("exited", [False, True], ids=["running", "exited"])
+async def test_a_child_registered_twice_calls_back_both_callbacks_once(
+    exited: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The seed kept one [pid, cb, arg] entry per dwaitpid call and called
+    # each callback: neither registration may be lost.
+    got = Collector(3)
+    release_r, release_w = os.pipe()
+    try:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            pid = fork_child(5, wait_fd=release_r, close_fd=release_w)
+            if exited:
+                os.write(release_w, b"x")
+                await anyio.to_thread.run_sync(
+                    os.waitid, os.P_PID, pid, os.WEXITED | os.WNOWAIT
+                )
+            ds_trio.dwaitpid(pid, lambda a, p: got.add("first", a, p, exit_code()), 1)
+            ds_trio.awaitpid(pid, lambda p, a: got.add("second", a, p, exit_code()), 2)
+            ds_trio.dwaitpid(pid, lambda a, p: got.add("third", a, p, exit_code()), 3)
+            assert list(lp.children) == [pid]
+            if not exited:
+                await anyio.wait_all_tasks_blocked()
+                assert got.calls == []
+                os.write(release_w, b"x")
+            await got.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert not lp.children
+    finally:
+        os.close(release_r)
+        os.close(release_w)
+    assert got.calls == [
+        ("first", 1, pid, 5),
+        ("second", 2, pid, 5),
+        ("third", 3, pid, 5),
+    ]
+    assert "reaped by someone else" not in caplog.text
+    assert gone(pid)
+
+
+async def test_a_failing_callback_of_a_child_registered_twice_spares_the_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    got = Collector()
+
+    def explode(_arg: object, _pid: int) -> None:
+        raise RuntimeError("first reap callback exploded")
+
+    async with ds_trio.loop(errors="log"):
+        pid = fork_child(3)
+        ds_trio.dwaitpid(pid, explode)
+        ds_trio.dwaitpid(pid, lambda _a, p: got.add(p, exit_code()))
+        await got.wait()
+    assert got.calls == [(pid, 3)]
+    assert "first reap callback exploded" in caplog.text
+
+
 @pytest.mark.parametrize("how", ["flag", "enosys"])
 async def test_pidfd_less_fallback_still_delivers_callbacks(
     monkeypatch: pytest.MonkeyPatch, how: str

@@ -432,6 +432,60 @@ async def test_closing_an_object_forgets_its_idle_entry() -> None:
             peer.close()
 
 
+class ExplodingIdler(Idler):
+    """A protocol whose ``shutdn`` fails."""
+
+    def shutdn(self) -> bool | None:
+        self.shut_at.append(ds_trio.now())
+        raise RuntimeError("shutdn exploded")
+
+
+@MOCK_CLOCK
+async def test_a_failing_shutdn_under_errors_log_spares_the_other_idle_clients(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # errors="log" means the loop goes on: the other idle clients of the
+    # same check are still shut down, the failing one is closed, and idle
+    # expiry keeps working for clients tracked afterwards.
+    pairs = [socketpair() for _ in range(3)]
+    try:
+        with anyio.fail_after(3600):  # virtual time
+            async with ds_trio.loop(errors="log") as lp:
+                bad = ExplodingIdler(pairs[0][0])
+                good = Idler(pairs[1][0])
+                t0 = ds_trio.now()
+                bad.update_idle_time()
+                good.update_idle_time()
+                await anyio.sleep(241)
+                assert len(bad.shut_at) == 1
+                assert "shutdn exploded" in caplog.text
+                assert bad.sock is None  # the offending object is closed
+                assert good.sock is None
+                assert 180 < good.shut_at[0] - t0 <= 240
+                later_one = Idler(pairs[2][0])
+                touched = ds_trio.now()
+                later_one.update_idle_time()
+                await anyio.sleep(241)
+                assert later_one.sock is None
+                assert 180 < later_one.shut_at[0] - touched <= 240
+                assert len(lp.idle) == 0
+    finally:
+        for _, peer in pairs:
+            peer.close()
+
+
+@MOCK_CLOCK
+async def test_a_failing_shutdn_under_errors_raise_ends_the_loop() -> None:
+    a, b = socketpair()
+    try:
+        with anyio.fail_after(3600), pytest.raises(RuntimeError, match="exploded"):
+            async with ds_trio.loop():
+                ExplodingIdler(a).update_idle_time()
+                await anyio.sleep_forever()
+    finally:
+        b.close()
+
+
 @MOCK_CLOCK
 async def test_one_check_among_4000_objects_shuts_exactly_the_idle_one_percent() -> (
     None

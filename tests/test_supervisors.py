@@ -486,6 +486,48 @@ async def test_a_failing_shutdn_under_errors_raise_ends_the_loop() -> None:
         b.close()
 
 
+class NntpLike(Idler):
+    """NNTP's ``busy``: partial input, queued output, or recent activity."""
+
+    def busy(self) -> bool:
+        return bool(self.rbuf or self.wbuf or self.not_idle_long(ds_trio.now()))
+
+
+@MOCK_CLOCK
+async def test_graceful_shutdown_keeps_a_recently_active_client_until_it_expires(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Daemon.pm's worker_quit asks busy(), which for NNTP and IMAP includes
+    # not_idle_long: a client active within EXPTIME holds the worker, and
+    # the idle expiry (checked with the later batches) lets it go.
+    pairs = [socketpair() for _ in range(2)]
+    try:
+        with anyio.fail_after(3600):  # virtual time
+            async with ds_trio.loop(exptime=100) as lp:
+                active = NntpLike(pairs[0][0])
+                silent = NntpLike(pairs[1][0])  # never active: not busy
+                t0 = ds_trio.now()
+                active.update_idle_time()
+                await anyio.sleep(30)
+                ds_trio.graceful_shutdown(timeout=1000)
+                await anyio.sleep(1)
+                assert silent.sock is None
+                assert silent.shut_at == []  # closed as idle, not expired
+                assert active.sock is not None
+                await anyio.sleep(100 - 31 - 1)  # t0 + 99: still within EXPTIME
+                assert active.sock is not None
+                assert active.not_idle_long(ds_trio.now())
+                await anyio.sleep_forever()  # the loop finishes by itself
+            ended = trio.current_time()
+    finally:
+        for _, peer in pairs:
+            peer.close()
+    assert active.sock is None
+    assert 100 < ended - t0 <= 160
+    assert len(lp.idle) == 0
+    assert "timed out" not in caplog.text
+
+
 @MOCK_CLOCK
 async def test_one_check_among_4000_objects_shuts_exactly_the_idle_one_percent() -> (
     None

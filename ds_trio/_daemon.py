@@ -56,6 +56,18 @@ _QUIT_SIGNALS = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT)
 # implemented; caught so that they do not kill the process.
 _IGNORED_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH)
 _ENV_FDS = "DS_TRIO_LISTEN_FDS"
+# Every signal a worker handles.  The master blocks them while it starts a
+# worker, the worker inherits that mask (as Daemon.pm's forked workers
+# inherit its blocked signals) and unblocks them once its loop has installed
+# the handlers: a signal sent meanwhile waits for the loop instead of
+# killing a worker that is still starting.
+_WORKER_SIGNALS = (
+    *_QUIT_SIGNALS,
+    signal.SIGHUP,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    *_IGNORED_SIGNALS,
+)
 
 
 def _ignore(signum: int) -> None:
@@ -113,10 +125,14 @@ async def _serve_worker(
     handlers: dict[signal.Signals, Callable[[int], object]] = dict.fromkeys(
         _QUIT_SIGNALS, quit
     )
-    # The master handles these; in a worker their default action would kill it.
-    for ignored in (signal.SIGHUP, *_IGNORED_SIGNALS):
+    # The master handles these; in a worker their default action would kill
+    # it (or stop it: TTIN/TTOU, which Daemon.pm's workers ignore too).
+    for ignored in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, *_IGNORED_SIGNALS):
         handlers[ignored] = _ignore
     async with open_loop(errors="log", signals=handlers) as loop:
+        # The handlers are in: what the master blocked for our start-up
+        # (see _spawn) may come now, and is handled by the loop.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _WORKER_SIGNALS)
         for sock in socks:
             Listener(sock, post_accept, accepts_per_wake=accepts_per_wake)
         if parent_fd is not None:
@@ -221,6 +237,9 @@ class Daemon:
             "--accepts-per-wake",
             str(self.accepts_per_wake),
         ]
+        # The worker starts with its signals blocked (see _WORKER_SIGNALS);
+        # here they are blocked only for the Popen call.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _WORKER_SIGNALS)
         try:
             proc = subprocess.Popen(cmd, pass_fds=[*fds, read_end], env=env)
         except BaseException:
@@ -229,6 +248,7 @@ class Daemon:
             os.close(write_end)
             raise
         finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             os.close(read_end)
         self.children[proc.pid] = proc
         if group:

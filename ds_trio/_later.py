@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
-from ._loop import _state
+from ._loop import Loop, _state
 from ._timers import Timer, check_delay
 
 __all__ = ["LATER_DELAY", "add_uniq_timer", "expire_old", "later"]
@@ -56,14 +56,26 @@ def expire_old() -> None:
     """
     state = _state()
     now = state.timers.clock()
-    for obj in state.idle.pop_expired(now):
-        if obj.sock is not None:
-            obj.shutdn()
-    if len(state.idle):
-        later(expire_old)
-        state.exp_armed = True
-    else:
-        state.exp_armed = False
+    try:
+        for obj in state.idle.pop_expired(now):
+            if obj.sock is None:
+                continue
+            try:
+                obj.shutdn()
+            except Exception as exc:
+                if not isinstance(state, Loop):
+                    raise
+                # The object's failure, under the loop's policy: errors="log"
+                # closes it and goes on with the others.
+                state.failed(exc, obj.shutdn, obj)
+    finally:
+        # Re-armed even after a failure: the seed's loop died with it, but
+        # a loop that goes on must keep checking.
+        if len(state.idle):
+            later(expire_old)
+            state.exp_armed = True
+        else:
+            state.exp_armed = False
 
 
 def add_uniq_timer(

@@ -131,12 +131,19 @@ class Reaper:
         """
         global _pidfd_works
         loop = self.loop
+        previous = loop.children.get(pid)
+        if previous is not None:
+            # Registered again: the seed kept one entry per dwaitpid call and
+            # called every callback.  The waiter already running delivers to
+            # all of them, in registration order, with the same status.
+            loop.children[pid] = _Callbacks.chain(previous, callback)
+            return
         status = _try_reap(pid)
         if status is not None:
             # It already exited: run the callback from the queue, as the
             # seed's dwaitpid "could've just missed our SIGCHLD".
             loop.children[pid] = callback
-            loop.requeue_call(self._deliver, (pid, status, callback))
+            loop.requeue_call(self._deliver, (pid, status))
             return
         loop.children[pid] = callback
         if _pidfd_works:
@@ -148,13 +155,11 @@ class Reaper:
                     raise
                 _pidfd_works = False
             else:
-                loop.spawn_task(self._wait_pidfd, pid, pidfd, callback)
+                loop.spawn_task(self._wait_pidfd, pid, pidfd)
                 return
-        loop.spawn_task(self._wait_thread, pid, callback)
+        loop.spawn_task(self._wait_thread, pid)
 
-    async def _wait_pidfd(
-        self, pid: int, pidfd: int, callback: Callable[[], object]
-    ) -> None:
+    async def _wait_pidfd(self, pid: int, pidfd: int) -> None:
         backend = self.loop._require_backend()
         try:
             while True:
@@ -167,9 +172,9 @@ class Reaper:
             # number may be reused the moment it is closed.
             backend.notify_closing(pidfd)
             os.close(pidfd)
-        self._deliver(pid, status, callback)
+        self._deliver(pid, status)
 
-    async def _wait_thread(self, pid: int, callback: Callable[[], object]) -> None:
+    async def _wait_thread(self, pid: int) -> None:
         while True:
             await anyio.to_thread.run_sync(
                 os.waitid,
@@ -182,7 +187,7 @@ class Reaper:
             status = self._collect(pid)
             if status is not None:
                 break
-        self._deliver(pid, status, callback)
+        self._deliver(pid, status)
 
     def _collect(self, pid: int) -> int | None:
         try:
@@ -193,14 +198,21 @@ class Reaper:
             log.warning("child %d was reaped by someone else", pid)
             return -1
 
-    def _deliver(self, pid: int, status: int, callback: Callable[[], object]) -> None:
-        if self.loop.children.pop(pid, None) is None:
+    def _deliver(self, pid: int, status: int) -> None:
+        # The callback registered now, not when the wait began: the pid may
+        # have been registered again meanwhile.
+        callback = self.loop.children.pop(pid, None)
+        if callback is None:
             return  # forgotten (Reset) meanwhile
         # A reaped child may have been the last thing the loop waited for.
         self.loop.kick()
+        callbacks = (
+            callback.callbacks if isinstance(callback, _Callbacks) else (callback,)
+        )
         token = _status.set(status)
         try:
-            self.loop.call(callback, ())
+            for each in callbacks:
+                self.loop.call(each, ())
         finally:
             _status.reset(token)
         emulated = self.loop._sigchld_emulated
@@ -215,6 +227,34 @@ class Reaper:
             return children
         reap_in_background(children)
         return {}
+
+
+class _Callbacks:
+    """The callbacks of a child registered more than once, in order.
+
+    The reaper calls each as a separate loop callback, so one that raises
+    does not keep the others from running (the seed called each inside its
+    own ``eval``).  It holds no loop: a finished ``EventLoop()`` hands its
+    children over to the next one.
+    """
+
+    __slots__ = ("callbacks",)
+
+    def __init__(self, callbacks: list[Callable[[], object]]) -> None:
+        self.callbacks = callbacks
+
+    @classmethod
+    def chain(
+        cls, previous: Callable[[], object], callback: Callable[[], object]
+    ) -> _Callbacks:
+        if isinstance(previous, _Callbacks):
+            previous.callbacks.append(callback)
+            return previous
+        return cls([previous, callback])
+
+    def __call__(self) -> None:
+        for callback in self.callbacks:
+            callback()
 
 
 def run_sync_wait(pid: int, callback: Callable[..., object] | None, args: Any) -> int:

@@ -1606,6 +1606,84 @@ def test_daemon_workers_exit_when_the_master_dies(tmp_path: Path) -> None:
         poll_until(lambda: not any(alive(pid) for pid in workers))
 
 
+def proc_state(pid: int) -> str:
+    """The one-letter state of ``pid`` (``T``: stopped), from /proc."""
+    with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_daemon_worker_ignores_sigttin_and_sigttou_sent_to_it(tmp_path: Path) -> None:
+    # Daemon.pm's workers ignore TTIN/TTOU (the master's signals): an
+    # operator's "pkill -TTIN" reaches every process, and the default
+    # action would stop a worker along with its clients.
+    with daemon(tmp_path, "ds_trio.examples.echo:make_post_accept", 1) as d:
+        wait_workers_started(d, 1)
+        assert d.echo() == b"hello daemon\n"  # the worker's loop runs
+        (worker,) = d.children()
+        for signum in (signal.SIGTTIN, signal.SIGTTOU):
+            os.kill(worker, signum)
+            d.log.expect(rf"signal {int(signum)} ignored")
+            assert proc_state(worker) != "T"
+            assert d.echo(b"after %d\n" % signum) == b"after %d\n" % signum
+        assert d.children() == {worker}
+
+
+GATED_APP = """
+import atexit, os
+from ds_trio.examples.echo import make_post_accept as _echo
+
+def make_post_accept():
+    os.write(2, b"STARTING %d\\n" % os.getpid())
+    gate = os.environ.get("DS_TRIO_TEST_GATE")
+    if gate and os.path.exists(gate):
+        with open(gate, "rb") as fifo:  # waits for the test to open it
+            fifo.read()
+        os.unlink(gate)  # later workers start at once
+    atexit.register(os.write, 2, b"CLEAN EXIT %d\\n" % os.getpid())
+    return _echo()
+"""
+
+
+def release_gate(gate: Path) -> bool:
+    try:
+        fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno != errno.ENXIO:  # nobody has it open for reading yet
+            raise
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGQUIT, signal.SIGHUP])
+def test_daemon_signal_sent_to_a_starting_worker_waits_for_its_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    # Daemon.pm blocks all signals early and its workers inherit that mask,
+    # so a signal sent to a worker before its loop runs is handled by the
+    # loop, not by the default action (death, or a core dump for SIGQUIT).
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    (tmp_path / "gatedecho.py").write_text(textwrap.dedent(GATED_APP))
+    monkeypatch.setenv("DS_TRIO_TEST_GATE", str(gate))
+    with daemon(tmp_path, "gatedecho:make_post_accept", 1) as d:
+        worker = int(d.log.expect(r"^STARTING (\d+)").group(1))
+        os.kill(worker, signum)  # still in its app factory: no loop yet
+        poll_until(lambda: release_gate(gate))
+        if signum == signal.SIGHUP:
+            d.log.expect(rf"signal {int(signum)} ignored")
+            assert d.echo() == b"hello daemon\n"
+            assert d.children() == {worker}
+        else:
+            d.log.expect(rf"^CLEAN EXIT {worker}$")  # a graceful shutdown
+            d.log.expect(rf"worker {worker} exited; respawning")
+            d.log.expect(r"worker \d+ started \(1 of 1\)")  # the replacement
+            assert d.echo() == b"hello daemon\n"
+        os.kill(d.proc.pid, signal.SIGTERM)
+        assert d.proc.wait(timeout=15) == 0
+        d.log.wait_eof()
+
+
 def unix_echo(path: Path, line: bytes) -> bytes:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
         client.settimeout(10)

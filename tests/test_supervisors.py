@@ -432,6 +432,102 @@ async def test_closing_an_object_forgets_its_idle_entry() -> None:
             peer.close()
 
 
+class ExplodingIdler(Idler):
+    """A protocol whose ``shutdn`` fails."""
+
+    def shutdn(self) -> bool | None:
+        self.shut_at.append(ds_trio.now())
+        raise RuntimeError("shutdn exploded")
+
+
+@MOCK_CLOCK
+async def test_a_failing_shutdn_under_errors_log_spares_the_other_idle_clients(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # errors="log" means the loop goes on: the other idle clients of the
+    # same check are still shut down, the failing one is closed, and idle
+    # expiry keeps working for clients tracked afterwards.
+    pairs = [socketpair() for _ in range(3)]
+    try:
+        with anyio.fail_after(3600):  # virtual time
+            async with ds_trio.loop(errors="log") as lp:
+                bad = ExplodingIdler(pairs[0][0])
+                good = Idler(pairs[1][0])
+                t0 = ds_trio.now()
+                bad.update_idle_time()
+                good.update_idle_time()
+                await anyio.sleep(241)
+                assert len(bad.shut_at) == 1
+                assert "shutdn exploded" in caplog.text
+                assert bad.sock is None  # the offending object is closed
+                assert good.sock is None
+                assert 180 < good.shut_at[0] - t0 <= 240
+                later_one = Idler(pairs[2][0])
+                touched = ds_trio.now()
+                later_one.update_idle_time()
+                await anyio.sleep(241)
+                assert later_one.sock is None
+                assert 180 < later_one.shut_at[0] - touched <= 240
+                assert len(lp.idle) == 0
+    finally:
+        for _, peer in pairs:
+            peer.close()
+
+
+@MOCK_CLOCK
+async def test_a_failing_shutdn_under_errors_raise_ends_the_loop() -> None:
+    a, b = socketpair()
+    try:
+        with anyio.fail_after(3600), pytest.raises(RuntimeError, match="exploded"):
+            async with ds_trio.loop():
+                ExplodingIdler(a).update_idle_time()
+                await anyio.sleep_forever()
+    finally:
+        b.close()
+
+
+class NntpLike(Idler):
+    """NNTP's ``busy``: partial input, queued output, or recent activity."""
+
+    def busy(self) -> bool:
+        return bool(self.rbuf or self.wbuf or self.not_idle_long(ds_trio.now()))
+
+
+@MOCK_CLOCK
+async def test_graceful_shutdown_keeps_a_recently_active_client_until_it_expires(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Daemon.pm's worker_quit asks busy(), which for NNTP and IMAP includes
+    # not_idle_long: a client active within EXPTIME holds the worker, and
+    # the idle expiry (checked with the later batches) lets it go.
+    pairs = [socketpair() for _ in range(2)]
+    try:
+        with anyio.fail_after(3600):  # virtual time
+            async with ds_trio.loop(exptime=100) as lp:
+                active = NntpLike(pairs[0][0])
+                silent = NntpLike(pairs[1][0])  # never active: not busy
+                t0 = ds_trio.now()
+                active.update_idle_time()
+                await anyio.sleep(30)
+                ds_trio.graceful_shutdown(timeout=1000)
+                await anyio.sleep(1)
+                assert silent.sock is None
+                assert silent.shut_at == []  # closed as idle, not expired
+                assert active.sock is not None
+                await anyio.sleep(100 - 31 - 1)  # t0 + 99: still within EXPTIME
+                assert active.sock is not None
+                assert active.not_idle_long(ds_trio.now())
+                await anyio.sleep_forever()  # the loop finishes by itself
+            ended = trio.current_time()
+    finally:
+        for _, peer in pairs:
+            peer.close()
+    assert active.sock is None
+    assert 100 < ended - t0 <= 160
+    assert len(lp.idle) == 0
+    assert "timed out" not in caplog.text
+
+
 @MOCK_CLOCK
 async def test_one_check_among_4000_objects_shuts_exactly_the_idle_one_percent() -> (
     None
@@ -939,6 +1035,80 @@ async def test_cancelled_loop_ends_promptly_and_leaves_no_zombie() -> None:
         os.close(release_r)
         os.close(release_w)
     assert calls == []
+
+
+async def test_dwaitpid_without_a_callback_reaps_the_child() -> None:
+    # The seed's reap_pids calls back only "elsif ($cb)": ProcessPipe's
+    # CLOSE registers its pid with no callback at all, just to reap it.
+    release_r, release_w = os.pipe()
+    try:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            pid = fork_child(2, wait_fd=release_r, close_fd=release_w)
+            ds_trio.dwaitpid(pid, None)
+            assert pid in lp.children
+            os.write(release_w, b"x")
+            await wait_until_reaped(pid)
+            await anyio.wait_all_tasks_blocked()
+            assert pid not in lp.children
+    finally:
+        os.close(release_r)
+        os.close(release_w)
+
+
+@pytest.mark.parametrize("exited", [False, True], ids=["running", "exited"])
+async def test_a_child_registered_twice_calls_back_both_callbacks_once(
+    exited: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The seed kept one [pid, cb, arg] entry per dwaitpid call and called
+    # each callback: neither registration may be lost.
+    got = Collector(3)
+    release_r, release_w = os.pipe()
+    try:
+        async with assert_no_leaks(), ds_trio.loop() as lp:
+            pid = fork_child(5, wait_fd=release_r, close_fd=release_w)
+            if exited:
+                os.write(release_w, b"x")
+                await anyio.to_thread.run_sync(
+                    os.waitid, os.P_PID, pid, os.WEXITED | os.WNOWAIT
+                )
+            ds_trio.dwaitpid(pid, lambda a, p: got.add("first", a, p, exit_code()), 1)
+            ds_trio.awaitpid(pid, lambda p, a: got.add("second", a, p, exit_code()), 2)
+            ds_trio.dwaitpid(pid, lambda a, p: got.add("third", a, p, exit_code()), 3)
+            assert list(lp.children) == [pid]
+            if not exited:
+                await anyio.wait_all_tasks_blocked()
+                assert got.calls == []
+                os.write(release_w, b"x")
+            await got.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert not lp.children
+    finally:
+        os.close(release_r)
+        os.close(release_w)
+    assert got.calls == [
+        ("first", 1, pid, 5),
+        ("second", 2, pid, 5),
+        ("third", 3, pid, 5),
+    ]
+    assert "reaped by someone else" not in caplog.text
+    assert gone(pid)
+
+
+async def test_a_failing_callback_of_a_child_registered_twice_spares_the_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    got = Collector()
+
+    def explode(_arg: object, _pid: int) -> None:
+        raise RuntimeError("first reap callback exploded")
+
+    async with ds_trio.loop(errors="log"):
+        pid = fork_child(3)
+        ds_trio.dwaitpid(pid, explode)
+        ds_trio.dwaitpid(pid, lambda _a, p: got.add(p, exit_code()))
+        await got.wait()
+    assert got.calls == [(pid, 3)]
+    assert "first reap callback exploded" in caplog.text
 
 
 @pytest.mark.parametrize("how", ["flag", "enosys"])

@@ -246,7 +246,15 @@ class _State:
         if timer is not None:
             timer.cancel()
         for callback, args in batch:
+            if self._is_finished():
+                # A callback ended the loop (errors="raise"): the seed's
+                # ``die`` left the rest of the batch unrun.
+                break
             self.call(callback, args)
+
+    def _is_finished(self) -> bool:
+        """True once a running loop has finished; never for the pending state."""
+        return False
 
     def call(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         """Call a loop callback; the pending state has no error policy."""
@@ -827,7 +835,11 @@ class Loop(_State):
         )
 
     def _finish_normally(self) -> None:
-        # The seed flushes pending ``later`` callbacks when its loop exits.
+        # The seed flushes pending ``later`` callbacks when its loop exits,
+        # once, and not after a failure: a batch queued by that flush stays
+        # pending, as does everything a ``die`` skipped.
+        if self._finished:
+            return
         if self.later_queue:
             self.run_later()
         self._finish()

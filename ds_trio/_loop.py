@@ -533,7 +533,12 @@ class Loop(_State):
         if exc is None:
             # The body returned: wait for the loop to finish.  The driver
             # ends it by cancelling the task group, which ends this sleep.
-            self.kick()
+            # EventLoop() has no body: with a post-loop callback set, its
+            # first round idles as the seed's first epoll_wait does, so the
+            # single-step idiom (a callback returning false) waits for
+            # something to happen instead of returning at once.
+            if not (self._keep_state and self.post_loop_callback is not None):
+                self.kick()
             try:
                 await self._backend.sleep_forever()
             except BaseException as waited:

@@ -507,6 +507,41 @@ def test_loop_state_is_per_thread_and_pending_is_adopted() -> None:
     assert results["t1-in-loop-before"] is False
 
 
+@pytest.mark.parametrize("loop_timeout", [-1, 0])
+def test_event_loop_single_step_waits_in_its_poll_unless_loop_timeout_is_zero(
+    loop_timeout: float,
+) -> None:
+    """``SetPostLoopCallback(sub {0}); EventLoop``: one iteration, as the seed.
+
+    The seed's iteration waits in ``epoll_wait`` for I/O or the next timer,
+    and only ``SetLoopTimeout(0)`` makes it non-blocking: ``t/sigfd.t``
+    relies on the wait.  The due timer fires in the next call's first round.
+    """
+    a, b = socketpair()
+    try:
+        posts: list[bool] = []
+        log: list[str] = []
+        Recorder(a, log, "r")
+        hour = ds_trio.add_timer(3600, log.append, "timer")
+
+        def post(_map: dict[int, DS]) -> bool:
+            posts.append(ds_trio.now() >= hour.deadline)
+            return False
+
+        ds_trio.SetPostLoopCallback(post)
+        ds_trio.SetLoopTimeout(loop_timeout)
+        mock = {"clock": trio.testing.MockClock(autojump_threshold=0)}
+        ds_trio.EventLoop(backend_options=mock)
+        assert posts == [loop_timeout != 0]
+        assert log == []
+        b.send(b"x")
+        ds_trio.EventLoop(backend_options=mock)
+        assert log == (["timer", "r"] if loop_timeout else ["r"])
+        assert posts[1:] == [loop_timeout != 0]
+    finally:
+        b.close()
+
+
 def test_event_loop_keeps_state_between_calls_until_reset() -> None:
     a, b = socketpair()
     try:

@@ -871,3 +871,32 @@ async def test_failures_under_errors_log_leave_the_round_intact() -> None:
     async with ds_trio.loop(errors="log"):
         pass
     assert log == ["bad queued", "q2", "bad timer", "t2", "post"]
+
+
+async def test_any_object_with_event_step_can_be_requeued_and_requeue_itself() -> None:
+    """next_tick calls ``->event_step`` on any blessed item, not only DS ones.
+
+    PublicInbox::Config walks its sections that way, one step per round.
+    """
+    log: list[str] = []
+
+    class Sections:
+        def __init__(self, names: list[str]) -> None:
+            self.names = names
+
+        def event_step(self) -> None:
+            log.append(self.names.pop(0))
+            if self.names:
+                ds_trio.requeue(self)
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        return len(log) < 6
+
+    ds_trio.requeue(Sections(["a", "b", "c"]))
+    ds_trio.requeue(lambda: log.append("callable"))
+    ds_trio.SetPostLoopCallback(post)
+    with anyio.fail_after(10):
+        async with ds_trio.loop():
+            pass
+    assert log[:6] == ["a", "callable", "post", "b", "post", "c"]

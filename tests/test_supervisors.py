@@ -351,6 +351,21 @@ def test_later_batch_queued_by_the_exit_flush_stays_for_the_next_event_loop() ->
     assert ran == ["tick", "queued by the flush"]
 
 
+async def test_exit_flush_runs_inside_the_loop() -> None:
+    """The seed's ``_run_later`` runs before ``local $in_loop`` is undone."""
+    seen: list[tuple[bool, bool]] = []
+
+    def check() -> None:
+        seen.append((ds_trio.in_loop(), ds_trio.current_loop() is lp))
+
+    ds_trio.later(check)
+    ds_trio.SetPostLoopCallback(lambda _map: False)
+    ds_trio.SetLoopTimeout(0)
+    async with ds_trio.loop() as lp:
+        pass
+    assert seen == [(True, True)]
+
+
 async def test_failed_loop_does_not_flush_later_even_if_stop_was_requested() -> None:
     ran: list[str] = []
 

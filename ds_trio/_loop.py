@@ -713,7 +713,12 @@ class Loop(_State):
         try:
             callback(*args)
         except Exception as exc:
-            self.failed(exc, callback)
+            # The loop running the callback applies its policy.  Usually
+            # that is this one; but a signal handler or reap callback this
+            # loop queued can be run by the next EventLoop() (the run queue
+            # is handed over), and a finished loop would lose the error.
+            running = _current.get()
+            (running if running is not None else self).failed(exc, callback)
 
     def schedule_close(self, obj: DS, sock: Any) -> None:
         backend = self._backend

@@ -1292,6 +1292,44 @@ async def test_signal_storm_during_ping_pong_loses_no_bytes(guard: SignalGuard) 
     assert guard.stray == []
 
 
+class HandlerBoom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_handler_queued_by_one_event_loop_fails_the_next_one(
+    guard: SignalGuard, backend: str
+) -> None:
+    """Whichever EventLoop() runs a handler gets its exception.
+
+    A single step can end with the handler still queued (it runs from the
+    run queue, a round after the signal woke the loop) and the next
+    ``EventLoop()`` runs it: the error must end that call, not vanish into
+    the finished loop that queued it.
+    """
+    calls: list[int] = []
+
+    def handler(signum: int) -> None:
+        calls.append(signum)
+        raise HandlerBoom
+
+    try:
+        ds_trio.add_timer(0, os.kill, os.getpid(), signal.SIGUSR1)
+        ds_trio.SetPostLoopCallback(lambda _map: False)
+        try:
+            ds_trio.EventLoop(backend=backend, signals={signal.SIGUSR1: handler})
+        except HandlerBoom:  # the handler ran in that step already
+            pass
+        else:
+            assert calls == []  # still queued: the next call runs it
+            with pytest.raises(HandlerBoom):
+                ds_trio.EventLoop(backend=backend)
+        assert calls == [signal.SIGUSR1]
+    finally:
+        ds_trio.Reset()
+    assert guard.stray == []
+
+
 def test_invalid_signal_number_raises_value_error() -> None:
     with pytest.raises(ValueError, match="valid signal"):
         ds_trio.loop(signals={0: lambda _s: None})

@@ -246,7 +246,15 @@ class _State:
         if timer is not None:
             timer.cancel()
         for callback, args in batch:
+            if self._is_finished():
+                # A callback ended the loop (errors="raise"): the seed's
+                # ``die`` left the rest of the batch unrun.
+                break
             self.call(callback, args)
+
+    def _is_finished(self) -> bool:
+        """True once a running loop has finished; never for the pending state."""
+        return False
 
     def call(self, callback: Callable[..., object], args: tuple[Any, ...]) -> None:
         """Call a loop callback; the pending state has no error policy."""
@@ -525,7 +533,12 @@ class Loop(_State):
         if exc is None:
             # The body returned: wait for the loop to finish.  The driver
             # ends it by cancelling the task group, which ends this sleep.
-            self.kick()
+            # EventLoop() has no body: with a post-loop callback set, its
+            # first round idles as the seed's first epoll_wait does, so the
+            # single-step idiom (a callback returning false) waits for
+            # something to happen instead of returning at once.
+            if not (self._keep_state and self.post_loop_callback is not None):
+                self.kick()
             try:
                 await self._backend.sleep_forever()
             except BaseException as waited:
@@ -700,7 +713,12 @@ class Loop(_State):
         try:
             callback(*args)
         except Exception as exc:
-            self.failed(exc, callback)
+            # The loop running the callback applies its policy.  Usually
+            # that is this one; but a signal handler or reap callback this
+            # loop queued can be run by the next EventLoop() (the run queue
+            # is handed over), and a finished loop would lose the error.
+            running = _current.get()
+            (running if running is not None else self).failed(exc, callback)
 
     def schedule_close(self, obj: DS, sock: Any) -> None:
         backend = self._backend
@@ -827,7 +845,11 @@ class Loop(_State):
         )
 
     def _finish_normally(self) -> None:
-        # The seed flushes pending ``later`` callbacks when its loop exits.
+        # The seed flushes pending ``later`` callbacks when its loop exits,
+        # once, and not after a failure: a batch queued by that flush stays
+        # pending, as does everything a ``die`` skipped.
+        if self._finished:
+            return
         if self.later_queue:
             self.run_later()
         self._finish()

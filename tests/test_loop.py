@@ -507,6 +507,41 @@ def test_loop_state_is_per_thread_and_pending_is_adopted() -> None:
     assert results["t1-in-loop-before"] is False
 
 
+@pytest.mark.parametrize("loop_timeout", [-1, 0])
+def test_event_loop_single_step_waits_in_its_poll_unless_loop_timeout_is_zero(
+    loop_timeout: float,
+) -> None:
+    """``SetPostLoopCallback(sub {0}); EventLoop``: one iteration, as the seed.
+
+    The seed's iteration waits in ``epoll_wait`` for I/O or the next timer,
+    and only ``SetLoopTimeout(0)`` makes it non-blocking: ``t/sigfd.t``
+    relies on the wait.  The due timer fires in the next call's first round.
+    """
+    a, b = socketpair()
+    try:
+        posts: list[bool] = []
+        log: list[str] = []
+        Recorder(a, log, "r")
+        hour = ds_trio.add_timer(3600, log.append, "timer")
+
+        def post(_map: dict[int, DS]) -> bool:
+            posts.append(ds_trio.now() >= hour.deadline)
+            return False
+
+        ds_trio.SetPostLoopCallback(post)
+        ds_trio.SetLoopTimeout(loop_timeout)
+        mock = {"clock": trio.testing.MockClock(autojump_threshold=0)}
+        ds_trio.EventLoop(backend_options=mock)
+        assert posts == [loop_timeout != 0]
+        assert log == []
+        b.send(b"x")
+        ds_trio.EventLoop(backend_options=mock)
+        assert log == (["timer", "r"] if loop_timeout else ["r"])
+        assert posts[1:] == [loop_timeout != 0]
+    finally:
+        b.close()
+
+
 def test_event_loop_keeps_state_between_calls_until_reset() -> None:
     a, b = socketpair()
     try:
@@ -673,3 +708,195 @@ async def test_objects_created_outside_the_loop_context_join_the_running_loop() 
         assert obj.sock is None
     finally:
         b.close()
+
+
+# ----------------------------------------------------------------------
+# The seed's iteration order, its poll timeout and its error behaviour
+# ----------------------------------------------------------------------
+
+
+async def test_round_order_is_queue_timers_io_closes_post_loop() -> None:
+    """Invariant 1: next_tick, RunTimers, epoll_wait + event_step, PostEventLoop."""
+    log: list[str] = []
+    a, b = socketpair()
+    try:
+        fd = a.fileno()
+
+        def on_step(obj: Recorder) -> None:
+            obj.close()
+            log.append("closed, still mapped" if fd in ds_trio.DescriptorMap() else "?")
+
+        def post(dmap: dict[int, DS]) -> bool:
+            log.append("post, unmapped" if fd not in dmap else "post, mapped")
+            return False
+
+        Recorder(a, log, "io", on_step=on_step)
+        b.send(b"ready before the loop")
+        ds_trio.add_timer(0, log.append, "timer")
+        ds_trio.requeue(lambda: log.append("queue"))
+        ds_trio.SetPostLoopCallback(post)
+        with anyio.fail_after(10):
+            async with ds_trio.loop():
+                pass
+        assert log == ["queue", "timer", "io", "closed, still mapped", "post, unmapped"]
+    finally:
+        b.close()
+
+
+@pytest.mark.parametrize("anyio_backend", MOCK)
+async def test_item_requeued_by_a_timer_runs_next_round_without_waiting() -> None:
+    """Invariant 2: the timer's requeue makes the poll non-blocking."""
+    log: list[tuple[str, float]] = []
+
+    def timer() -> None:
+        log.append(("timer", ds_trio.now()))
+        ds_trio.requeue(lambda: log.append(("requeued", ds_trio.now())))
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append(("post", ds_trio.now()))
+        return not any(name == "requeued" for name, _ in log)
+
+    async with ds_trio.loop():
+        start = ds_trio.now()
+        ds_trio.add_timer(5, timer)
+        ds_trio.add_timer(3600, print)  # would bound a blocking poll
+        ds_trio.SetPostLoopCallback(post)
+    names = [name for name, _ in log]
+    assert names[names.index("timer") :] == ["timer", "post", "requeued", "post"]
+    assert {when for name, when in log if name != "post"} == {start + 5}
+    assert log[-1] == ("post", start + 5)
+
+
+@pytest.mark.parametrize("anyio_backend", MOCK)
+@pytest.mark.parametrize(
+    ("loop_timeout", "woken_before_the_timer"),
+    [
+        (-1, []),  # no cap: the next timer alone bounds the idle
+        (-5, []),  # any negative is "no cap" (the seed's -5 with a timer
+        #            pending meant an infinite poll; 1.9 tests `< 0`)
+        (1000, []),  # the timer comes first
+        (600, []),  # a tie
+        (250, [0.25, 0.5]),  # the loop timeout comes first
+    ],
+)
+async def test_idle_ends_at_the_earlier_of_loop_timeout_and_next_timer(
+    loop_timeout: float, woken_before_the_timer: list[float]
+) -> None:
+    """Invariant 4: timeout = min(loop timeout, time to the next timer)."""
+    posts: list[float] = []
+    fired: list[float] = []
+
+    def post(_map: dict[int, DS]) -> bool:
+        posts.append(ds_trio.now() - start)
+        return not fired
+
+    async with ds_trio.loop():
+        start = ds_trio.now()
+        ds_trio.add_timer(0.6, lambda: fired.append(ds_trio.now() - start))
+        ds_trio.SetLoopTimeout(loop_timeout)
+        ds_trio.SetPostLoopCallback(post)
+    assert fired == [pytest.approx(0.6)]
+    # Idle ends (each with a post-loop call), then the round that fired the
+    # timer ends with one more.
+    expected = [*woken_before_the_timer, 0.6, 0.6]
+    assert posts[-len(expected) :] == pytest.approx(expected)
+    # Before them at most the round the end of the body kicked (design.rst).
+    assert posts[: -len(expected)] in ([], [0])
+
+
+async def test_failing_queued_item_drops_the_rest_of_the_round() -> None:
+    """Seed: a die in next_tick loses the swapped-out queue's rest, skips
+    RunTimers' timers and PostEventLoop."""
+    log: list[str] = []
+
+    def bad() -> None:
+        log.append("bad")
+        raise Boom("queued")
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        return False
+
+    ds_trio.requeue(lambda: log.append("q1"))
+    ds_trio.requeue(bad)
+    ds_trio.requeue(lambda: log.append("q3"))
+    ds_trio.add_timer(0, log.append, "timer")
+    ds_trio.SetPostLoopCallback(post)
+    with pytest.raises(Boom, match="queued"):
+        async with ds_trio.loop():
+            pass
+    assert log == ["q1", "bad"]
+
+
+async def test_failing_timer_drops_the_rest_of_its_batch_and_the_post_loop_call() -> (
+    None
+):
+    log: list[str] = []
+
+    def bad() -> None:
+        log.append("bad")
+        raise Boom("timer")
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        return False
+
+    ds_trio.requeue(lambda: log.append("queue"))
+    ds_trio.add_timer(-2, log.append, "t1")
+    ds_trio.add_timer(-1, bad)
+    ds_trio.add_timer(0, log.append, "t3")
+    ds_trio.SetPostLoopCallback(post)
+    with pytest.raises(Boom, match="timer"):
+        async with ds_trio.loop():
+            pass
+    assert log == ["queue", "t1", "bad"]
+
+
+async def test_failures_under_errors_log_leave_the_round_intact() -> None:
+    log: list[str] = []
+
+    def bad(what: str) -> None:
+        log.append(f"bad {what}")
+        raise Boom(what)
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        return False
+
+    ds_trio.requeue(lambda: bad("queued"))
+    ds_trio.requeue(lambda: log.append("q2"))
+    ds_trio.add_timer(-1, bad, "timer")
+    ds_trio.add_timer(0, log.append, "t2")
+    ds_trio.SetPostLoopCallback(post)
+    async with ds_trio.loop(errors="log"):
+        pass
+    assert log == ["bad queued", "q2", "bad timer", "t2", "post"]
+
+
+async def test_any_object_with_event_step_can_be_requeued_and_requeue_itself() -> None:
+    """next_tick calls ``->event_step`` on any blessed item, not only DS ones.
+
+    PublicInbox::Config walks its sections that way, one step per round.
+    """
+    log: list[str] = []
+
+    class Sections:
+        def __init__(self, names: list[str]) -> None:
+            self.names = names
+
+        def event_step(self) -> None:
+            log.append(self.names.pop(0))
+            if self.names:
+                ds_trio.requeue(self)
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        return len(log) < 6
+
+    ds_trio.requeue(Sections(["a", "b", "c"]))
+    ds_trio.requeue(lambda: log.append("callable"))
+    ds_trio.SetPostLoopCallback(post)
+    with anyio.fail_after(10):
+        async with ds_trio.loop():
+            pass
+    assert log[:6] == ["a", "callable", "post", "b", "post", "c"]

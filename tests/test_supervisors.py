@@ -260,6 +260,127 @@ async def test_pending_later_callbacks_run_when_loop_is_stopped() -> None:
     assert all(start + 10 <= when < start + 60 for _, when in ran)
 
 
+class LaterBoom(Exception):
+    pass
+
+
+@MOCK_CLOCK
+@pytest.mark.parametrize("when", ["batch timer", "exit flush"])
+async def test_later_callback_exception_drops_the_rest_of_its_batch(when: str) -> None:
+    """The seed's ``_run_later`` has no eval: a ``die`` skips the batch's rest."""
+    ran: list[str] = []
+
+    def bad() -> None:
+        ran.append("bad")
+        raise LaterBoom
+
+    ds_trio.later(bad)
+    ds_trio.later(ran.append, "after bad")
+    if when == "exit flush":
+        ds_trio.SetPostLoopCallback(lambda _map: False)
+    with pytest.raises(LaterBoom):
+        async with ds_trio.loop():
+            pass
+    assert ran == ["bad"]
+
+
+@MOCK_CLOCK
+@pytest.mark.parametrize("when", ["batch timer", "exit flush"])
+async def test_later_callback_exception_under_errors_log_runs_the_whole_batch(
+    when: str,
+) -> None:
+    ran: list[str] = []
+
+    def bad() -> None:
+        ran.append("bad")
+        raise LaterBoom
+
+    ds_trio.later(bad)
+    ds_trio.later(ran.append, "after bad")
+    if when == "exit flush":
+        ds_trio.SetPostLoopCallback(lambda _map: False)
+    async with ds_trio.loop(errors="log"):
+        pass
+    assert ran == ["bad", "after bad"]
+
+
+async def test_exit_flush_runs_the_later_batch_once_when_two_ends_meet() -> None:
+    """Two TERMs handled in one round: the post-loop callback and stop() agree.
+
+    The seed flushes once (``_run_later`` after the loop); a callback that
+    re-arms itself with ``later`` (``expire_old``, IMAP's idle tick) must
+    not run again from a second flush.
+    """
+    ran: list[str] = []
+
+    def tick() -> None:
+        ran.append("tick")
+        ds_trio.later(tick)
+
+    def two_terms() -> None:
+        ds_trio.graceful_shutdown()  # sets the post-loop callback
+        ds_trio.graceful_shutdown()  # the second one stops the loop
+
+    with anyio.fail_after(30):
+        async with ds_trio.loop():
+            ds_trio.later(tick)
+            ds_trio.requeue(two_terms)
+    assert ran == ["tick"]
+
+
+def test_later_batch_queued_by_the_exit_flush_stays_for_the_next_event_loop() -> None:
+    ran: list[str] = []
+
+    def tick() -> None:
+        ran.append("tick")
+        if len(ran) == 1:
+            ds_trio.later(ran.append, "queued by the flush")
+
+    def post(_map: dict[int, DS]) -> bool:
+        ds_trio.current_loop().stop()
+        return False
+
+    # Each EventLoop() waits for the batch's timer (60 s), as the seed's
+    # first epoll_wait does; the flush runs when the post-loop callback ends it.
+    mock = {"clock": trio.testing.MockClock(autojump_threshold=0)}
+    ds_trio.later(tick)
+    ds_trio.SetPostLoopCallback(post)
+    ds_trio.EventLoop(backend_options=mock)
+    assert ran == ["tick"]
+    ds_trio.EventLoop(backend_options=mock)
+    assert ran == ["tick", "queued by the flush"]
+
+
+async def test_exit_flush_runs_inside_the_loop() -> None:
+    """The seed's ``_run_later`` runs before ``local $in_loop`` is undone."""
+    seen: list[tuple[bool, bool]] = []
+
+    def check() -> None:
+        seen.append((ds_trio.in_loop(), ds_trio.current_loop() is lp))
+
+    ds_trio.later(check)
+    ds_trio.SetPostLoopCallback(lambda _map: False)
+    ds_trio.SetLoopTimeout(0)
+    async with ds_trio.loop() as lp:
+        pass
+    assert seen == [(True, True)]
+
+
+async def test_failed_loop_does_not_flush_later_even_if_stop_was_requested() -> None:
+    ran: list[str] = []
+
+    def post(_map: dict[int, DS]) -> bool:
+        ds_trio.current_loop().stop()
+        raise LaterBoom
+
+    ds_trio.later(ran.append, "later")
+    ds_trio.SetPostLoopCallback(post)
+    with pytest.raises(LaterBoom):
+        async with ds_trio.loop():
+            pass
+    assert ran == []
+
+
 @pytest.mark.parametrize("bad", [None, "callback", 42])
 async def test_later_rejects_a_non_callable(bad: Any) -> None:
     async with ds_trio.loop() as lp:
@@ -1338,6 +1459,44 @@ async def test_signal_storm_during_ping_pong_loses_no_bytes(guard: SignalGuard) 
     assert 1 <= len(usr1.calls) <= 200
     assert set(usr1.calls) == {signal.SIGUSR1}
     assert all(usr1.in_loop)
+    assert guard.stray == []
+
+
+class HandlerBoom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backend", ["trio", "asyncio"])
+def test_handler_queued_by_one_event_loop_fails_the_next_one(
+    guard: SignalGuard, backend: str
+) -> None:
+    """Whichever EventLoop() runs a handler gets its exception.
+
+    A single step can end with the handler still queued (it runs from the
+    run queue, a round after the signal woke the loop) and the next
+    ``EventLoop()`` runs it: the error must end that call, not vanish into
+    the finished loop that queued it.
+    """
+    calls: list[int] = []
+
+    def handler(signum: int) -> None:
+        calls.append(signum)
+        raise HandlerBoom
+
+    try:
+        ds_trio.add_timer(0, os.kill, os.getpid(), signal.SIGUSR1)
+        ds_trio.SetPostLoopCallback(lambda _map: False)
+        try:
+            ds_trio.EventLoop(backend=backend, signals={signal.SIGUSR1: handler})
+        except HandlerBoom:  # the handler ran in that step already
+            pass
+        else:
+            assert calls == []  # still queued: the next call runs it
+            with pytest.raises(HandlerBoom):
+                ds_trio.EventLoop(backend=backend)
+        assert calls == [signal.SIGUSR1]
+    finally:
+        ds_trio.Reset()
     assert guard.stray == []
 
 

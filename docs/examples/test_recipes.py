@@ -165,16 +165,16 @@ async def test_one_failure_is_raised_unwrapped() -> None:
             Exploding(a, EPOLLIN)
 
 
-async def test_failures_in_the_same_round_come_as_a_group() -> None:
-    pairs = [socketpair() for _ in range(2)]
-    for _, b in pairs:
-        b.send(b"x")  # both readable before the loop starts: the same round
-    with pytest.RaisesGroup(Boom, Boom, match="ds_trio loop failed"):
+async def test_failures_of_the_loop_and_the_body_come_as_a_group() -> None:
+    a, b = socketpair()
+    b.send(b"x")
+    with b, pytest.RaisesGroup(Boom, ValueError, match="ds_trio loop failed"):
         async with ds_trio.loop():
-            for a, _ in pairs:
-                Exploding(a, EPOLLIN)
-    for _, b in pairs:
-        b.close()
+            Exploding(a, EPOLLIN)
+            try:
+                await anyio.sleep_forever()  # until Boom cancels the body
+            finally:
+                raise ValueError("the body failed while it was cancelled")
 
 
 async def test_errors_log_closes_only_the_offender(

@@ -330,6 +330,11 @@ class DS:
             return 0
         n = len(data)
         if n == 0:
+            # sysread at EOF still sets the length to offset + 0 bytes read.
+            if offset < len(rbuf):
+                del rbuf[offset:]
+            elif offset > len(rbuf):
+                rbuf += bytes(offset - len(rbuf))
             self.close()
             return 0
         if (

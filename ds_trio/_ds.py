@@ -677,6 +677,7 @@ class DS:
         # Shared by every object of the loop: a parked task costs no more
         # than its frame and its scope.
         waits = backend.waits
+        closed_errors = backend.closed_errors
         async_step = self._ds_async_step
         # Synchronous steps run from readiness callbacks (unless the loop
         # was started with callbacks=False).
@@ -719,7 +720,13 @@ class DS:
                     # it (epwait, close, a requeued async step) cancels the
                     # scope or is seen below, and the outer loop starts over.
                     while True:
-                        await wait(sock)
+                        try:
+                            await wait(sock)
+                        except closed_errors:
+                            # close() (notify_closing) ended the wait.  Only
+                            # here: the same error from a step is the step's
+                            # own and follows the loop's policy.
+                            return
                         # A task woken by I/O may return normally even after
                         # close() or epwait() from elsewhere: re-check both.
                         if self.sock is not sock or self._ev != ev:
@@ -740,8 +747,6 @@ class DS:
                     await self._async_step()
                     if state.post_loop_callback is not None:
                         state.kick()
-        except backend.closed_errors:
-            return
         except Exception as exc:
             state.failed(exc, self, self)
         finally:

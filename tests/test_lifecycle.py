@@ -7,6 +7,7 @@ every backend and in both callback and task mode (``conftest.BACKENDS``).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any
@@ -216,3 +217,69 @@ async def test_do_read_at_eof_leaves_the_buffer_ending_at_offset(
             assert buf == after
     finally:
         b.close()
+
+
+class StepError(Exception):
+    pass
+
+
+@pytest.mark.parametrize("is_async", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize(
+    "error", [anyio.ClosedResourceError, StepError], ids=["closed-resource", "other"]
+)
+async def test_any_exception_from_an_io_step_follows_the_policy(
+    error: type[Exception], is_async: bool
+) -> None:
+    """The seed let every exception of ``event_step`` out of ``EventLoop``.
+
+    An ``anyio.ClosedResourceError`` raised by the step's own code (a stream
+    it uses was closed) is no exception to that, in task mode as in
+    callback mode.
+    """
+
+    class Raiser(DS):
+        def event_step(self) -> None:
+            raise error("from the step")
+
+    class AsyncRaiser(DS):
+        async def event_step(self) -> None:
+            await anyio.lowlevel.checkpoint()
+            raise error("from the step")
+
+    a, b = socketpair()
+    try:
+        with anyio.fail_after(10), pytest.raises(error, match="from the step"):
+            async with ds_trio.loop():
+                obj = AsyncRaiser(a) if is_async else Raiser(a)
+                b.send(b"x")
+        assert obj.sock is None
+        assert a.fileno() == -1
+    finally:
+        b.close()
+
+
+async def test_closed_resource_error_from_a_step_under_log_closes_only_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Raiser(DS):
+        def event_step(self) -> None:
+            raise anyio.ClosedResourceError("a stream the step uses")
+
+    a, b = socketpair()
+    c, d = socketpair()
+    try:
+        async with ds_trio.loop(errors="log") as lp:
+            bad = Raiser(a)
+            good = Recorder(c, [], "good")
+            b.send(b"x")
+            await wait_for(lambda: bad.sock is None)
+            d.send(b"still served")
+            await wait_for(lambda: good.data == b"still served")
+            lp.stop()
+        errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1
+        assert errors[0].exc_info is not None
+        assert isinstance(errors[0].exc_info[1], anyio.ClosedResourceError)
+    finally:
+        b.close()
+        d.close()

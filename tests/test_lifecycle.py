@@ -283,3 +283,35 @@ async def test_closed_resource_error_from_a_step_under_log_closes_only_it(
     finally:
         b.close()
         d.close()
+
+
+async def test_closed_object_is_not_stepped_for_input_before_its_fd_is_released() -> (
+    None
+):
+    """close deregisters at once (the seed's EPOLL_CTL_DEL), the fd lives on.
+
+    The post-loop callback closes the object, then its peer sends: the next
+    round's I/O must not step it, while its fd is still open until that
+    round ends.
+    """
+    a, b = socketpair()
+    log: list[str] = []
+    seen: list[tuple[bool, bool]] = []
+    try:
+        async with ds_trio.loop():
+            obj = Recorder(a, log, "r")
+            fd = a.fileno()
+
+            def post(dmap: dict[int, DS]) -> bool:
+                seen.append((dmap.get(fd) is obj, _fd_is_open(fd)))
+                if len(seen) == 1:
+                    obj.close()
+                    b.send(b"too late")
+                return len(seen) < 3
+
+            ds_trio.SetPostLoopCallback(post)
+            ds_trio.SetLoopTimeout(0)  # rounds go on without any other I/O
+        assert log == []
+        assert seen == [(True, True), (False, False), (False, False)]
+    finally:
+        b.close()

@@ -339,8 +339,13 @@ class DS:
             self.close()
             return 0
         n = len(data)
-        if n < length:
+        if n < length or not n:  # (a zero length reads 0 bytes: EOF too)
             if not n:
+                # sysread at EOF still sets the length to offset + 0 bytes read.
+                if offset < len(rbuf):
+                    del rbuf[offset:]
+                elif offset > len(rbuf):
+                    rbuf += bytes(offset - len(rbuf))
                 self.close()
                 return 0
             if self._ds_in_cb and self._ds_stream and type(sock) is socket.socket:
@@ -680,6 +685,7 @@ class DS:
         # Shared by every object of the loop: a parked task costs no more
         # than its frame and its scope.
         waits = backend.waits
+        closed_errors = backend.closed_errors
         async_step = self._ds_async_step
         # Synchronous steps run from readiness callbacks (unless the loop
         # was started with callbacks=False).
@@ -722,7 +728,13 @@ class DS:
                     # it (epwait, close, a requeued async step) cancels the
                     # scope or is seen below, and the outer loop starts over.
                     while True:
-                        await wait(sock)
+                        try:
+                            await wait(sock)
+                        except closed_errors:
+                            # close() (notify_closing) ended the wait.  Only
+                            # here: the same error from a step is the step's
+                            # own and follows the loop's policy.
+                            return
                         # A task woken by I/O may return normally even after
                         # close() or epwait() from elsewhere: re-check both.
                         if self.sock is not sock or self._ev != ev:
@@ -743,8 +755,6 @@ class DS:
                     await self._async_step()
                     if state.post_loop_callback is not None:
                         state.kick()
-        except backend.closed_errors:
-            return
         except Exception as exc:
             state.failed(exc, self, self)
         finally:

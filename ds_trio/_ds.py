@@ -488,11 +488,8 @@ class DS:
                 f"{self!r}.drained() must be awaited from its own async event_step"
             )
         backend = cast("Loop", self._ds_state)._require_backend()
-        try:
-            while await self._ds_flush_once(backend) is not None:
-                pass
-        except backend.closed_errors:
-            return False  # closed by someone else while waiting
+        while await self._ds_flush_once(backend) is not None:
+            pass
         return self.sock is not None
 
     async def _ds_flush_once(self, backend: Any) -> int | None:
@@ -510,12 +507,18 @@ class DS:
         if sock is None:
             return None
         direction = self._ev & _BOTH
-        if direction & _OUT:
-            await backend.wait_writable(sock)
-        elif direction & _IN and not (_tls.is_tls(sock) and sock.pending()):
-            await backend.wait_readable(sock)
-        else:
-            await backend.checkpoint()
+        # Only the waits are guarded: close() from elsewhere ends them with
+        # ClosedResourceError, while the same error raised by a queued
+        # callable is the step's own and follows the error policy.
+        try:
+            if direction & _OUT:
+                await backend.wait_writable(sock)
+            elif direction & _IN and not (_tls.is_tls(sock) and sock.pending()):
+                await backend.wait_readable(sock)
+            else:
+                await backend.checkpoint()
+        except backend.closed_errors:
+            return None  # closed by someone else while waiting
         return direction
 
     def to_stream(self) -> DSStream:

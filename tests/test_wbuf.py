@@ -1215,6 +1215,52 @@ async def test_drained_returns_false_when_closed_by_someone_else_while_waiting()
             loop.stop()
 
 
+class _ClosedByMistake(DS):
+    """Queues a callable that raises ClosedResourceError, then awaits drained()."""
+
+    results: list[bool]
+
+    async def event_step(self) -> None:
+        self.results = []
+        self.write(b"x" * 3_000_000)  # the peer never reads: queued
+
+        def fail(_obj: DS) -> None:
+            raise anyio.ClosedResourceError("a stream this step used was closed")
+
+        self.write(fail)
+        self.results.append(await self.drained())
+
+
+@pytest.mark.parametrize("errors", ["raise", "log"])
+async def test_closed_resource_error_of_a_queued_callable_in_drained_is_the_steps(
+    errors: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only drained()'s own waits treat ClosedResourceError as "closed by
+    # someone else"; raised by the step's queued callable it is the step's.
+    a, b = socketpair()
+    with closing(a, b):
+        obj = None
+        with contextlib.ExitStack() as stack:
+            if errors == "raise":
+                stack.enter_context(pytest.raises(anyio.ClosedResourceError))
+            async with ds_trio.loop(errors=errors) as loop:  # type: ignore[arg-type]
+                obj = _ClosedByMistake(a, EPOLLOUT | EPOLLONESHOT)
+                with anyio.fail_after(20):
+                    while True:  # read it all, so the callable's turn comes
+                        await anyio.wait_readable(b)
+                        if not b.recv(1 << 20):
+                            break  # EOF: the error policy closed the object
+                loop.stop()
+        assert obj is not None
+        assert obj.sock is None
+        assert obj.results == []  # drained() did not return "closed"
+        if errors == "log":
+            assert any(
+                r.exc_info and r.exc_info[0] is anyio.ClosedResourceError
+                for r in caplog.records
+            )
+
+
 def push_step(obj: DS, step: Callable[[DS], object]) -> None:
     """Re-push a producer and requeue only if it is the sole entry (long_step)."""
     queue = obj.wbuf

@@ -19,7 +19,8 @@ import subprocess
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal
 
 import anyio
 import anyio.lowlevel
@@ -266,29 +267,16 @@ class LaterBoom(Exception):
 
 @MOCK_CLOCK
 @pytest.mark.parametrize("when", ["batch timer", "exit flush"])
-async def test_later_callback_exception_drops_the_rest_of_its_batch(when: str) -> None:
-    """The seed's ``_run_later`` has no eval: a ``die`` skips the batch's rest."""
-    ran: list[str] = []
-
-    def bad() -> None:
-        ran.append("bad")
-        raise LaterBoom
-
-    ds_trio.later(bad)
-    ds_trio.later(ran.append, "after bad")
-    if when == "exit flush":
-        ds_trio.SetPostLoopCallback(lambda _map: False)
-    with pytest.raises(LaterBoom):
-        async with ds_trio.loop():
-            pass
-    assert ran == ["bad"]
-
-
-@MOCK_CLOCK
-@pytest.mark.parametrize("when", ["batch timer", "exit flush"])
-async def test_later_callback_exception_under_errors_log_runs_the_whole_batch(
-    when: str,
+@pytest.mark.parametrize(
+    ("errors", "expected"), [("raise", ["bad"]), ("log", ["bad", "after bad"])]
+)
+async def test_later_callback_exception_and_the_rest_of_its_batch(
+    when: str, errors: Literal["raise", "log"], expected: list[str]
 ) -> None:
+    """The seed's ``_run_later`` has no eval: a ``die`` skips the batch's rest.
+
+    Under ``errors="log"`` the failure is logged and the batch goes on.
+    """
     ran: list[str] = []
 
     def bad() -> None:
@@ -299,9 +287,13 @@ async def test_later_callback_exception_under_errors_log_runs_the_whole_batch(
     ds_trio.later(ran.append, "after bad")
     if when == "exit flush":
         ds_trio.SetPostLoopCallback(lambda _map: False)
-    async with ds_trio.loop(errors="log"):
-        pass
-    assert ran == ["bad", "after bad"]
+    raises: AbstractContextManager[object] = (
+        pytest.raises(LaterBoom) if errors == "raise" else nullcontext()
+    )
+    with raises:
+        async with ds_trio.loop(errors=errors):
+            pass
+    assert ran == expected
 
 
 async def test_exit_flush_runs_the_later_batch_once_when_two_ends_meet() -> None:

@@ -261,21 +261,36 @@ class _State:
         callback(*args)
 
     def reset(self) -> None:
-        """Forget everything: close registered objects, drop timers and queues."""
-        self.runq = []
-        self.timers.cancel_all()
-        self.later_queue = []
-        self.later_timer = None
-        self.idle.clear()
-        self.exp_armed = False
-        self.exptime = None
-        self.uniq_timers = {}
-        self.forget_children()
-        for obj in list(self.descriptor_map.values()):
-            try:
-                obj.close()
-            except Exception:
-                log.exception("close() of %r failed during Reset", obj)
+        """Forget everything: close registered objects, drop timers and queues.
+
+        A ``close`` override may queue work, arm timers or register new
+        objects while it runs, so this repeats until a pass finds nothing
+        left (upstream ``c882fd47``).
+        """
+        tried: set[int] = set()  # a failing close() is not retried forever
+        while True:
+            self.runq = []
+            self.timers.cancel_all()
+            self.later_queue = []
+            self.later_timer = None
+            self.idle.clear()
+            self.exp_armed = False
+            self.exptime = None
+            self.uniq_timers = {}
+            self.forget_children()
+            live = [
+                obj
+                for obj in self.descriptor_map.values()
+                if obj.sock is not None and id(obj) not in tried
+            ]
+            if not live:
+                break
+            for obj in live:
+                tried.add(id(obj))
+                try:
+                    obj.close()
+                except Exception:
+                    log.exception("close() of %r failed during Reset", obj)
         self.post_loop_callback = None
         self.loop_timeout = -1
         self.kick()

@@ -309,8 +309,9 @@ class DS:
                 self._interrupt()
             self.rbuf = rbuf if rbuf else None
             return 0
+        plain = type(sock) is _PlainSocket
         try:
-            if type(sock) is _PlainSocket:
+            if plain:
                 # read(2) on the socket's own fd, the same as recv(2) without
                 # flags, but through a fast-call C function: recv() builds an
                 # argument tuple and parses it (about 5 % of a DS step).
@@ -348,7 +349,7 @@ class DS:
                     rbuf += bytes(offset - len(rbuf))
                 self.close()
                 return 0
-            if self._ds_in_cb and self._ds_stream and type(sock) is socket.socket:
+            if self._ds_in_cb and self._ds_stream and plain:
                 # Only within the object's own step from a readiness
                 # callback; reset when the step ends.
                 self._ds_drained = True

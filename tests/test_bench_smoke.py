@@ -200,3 +200,25 @@ def test_perl_ds_server_speaks_the_protocol(tmp_path: Path) -> None:
     argv = ["perl", str(SERVERS / "perl_ds_echo.pl"), "0"]
     with running(argv, tmp_path / "server.log") as port:
         check_protocol(port)
+
+
+def test_timer_bench_measures_every_peer() -> None:
+    """bench/timers.py end to end on a tiny count: every peer gets a row.
+
+    Perl's row is either measured or skipped with its reason; a peer whose
+    insert broke would fail the child process and so this test.
+    """
+    systems = ["ds_trio-trio", "ds_trio-asyncio", "asyncio", "uvloop", "perl-ds"]
+    argv = [sys.executable, str(BENCH / "timers.py"), "--timers", "300"]
+    argv += ["--rounds", "1", "--trips", "20", "--perl-random-n", "50"]
+    argv += ["--systems", ",".join(systems)]
+    done = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=120)
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in done.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| system")
+    }
+    assert set(rows) == set(systems)
+    if "skipped" not in rows["perl-ds"]:
+        assert "(N=50)" in rows["perl-ds"]
+    assert "ping-pong between two DS objects" in done.stdout

@@ -27,16 +27,15 @@ two should match.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import socket
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
+import run
 import trio
 from _benchutil import DASH, fmt_range, md_table, per_round_ratio
 
@@ -118,19 +117,6 @@ def child_insert(system: str, pattern: str, n: int) -> float:
     raise SystemExit(f"unknown system {system!r}")
 
 
-def perl_available() -> str | None:
-    """None if Perl's PublicInbox::DS loads, else why not."""
-    try:
-        proc = subprocess.run(
-            ["perl", "-MPublicInbox::DS", "-e1"], capture_output=True, check=False
-        )
-    except FileNotFoundError:
-        return "perl is not installed"
-    if proc.returncode:
-        return "PublicInbox::DS is not installed (bench/run.py installs it)"
-    return None
-
-
 def measure_insert(system: str, pattern: str, n: int) -> float:
     """CPU seconds for ``n`` inserts on ``system``, in a fresh process."""
     if system == "perl-ds":
@@ -138,10 +124,9 @@ def measure_insert(system: str, pattern: str, n: int) -> float:
         argv += [str(DELAY_MIN), str(DELAY_MAX), str(EQUAL_DELAY)]
     else:
         argv = [sys.executable, __file__, "--child", system, pattern, str(n)]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env)
+    out = subprocess.run(
+        argv, capture_output=True, text=True, check=True, env=run.server_env()
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -206,7 +191,7 @@ def main() -> None:
         if s not in SYSTEMS:
             parser.error(f"unknown system {s!r}; known: {', '.join(SYSTEMS)}")
     skipped: dict[str, str] = {}
-    if "perl-ds" in systems and (why := perl_available()):
+    if "perl-ds" in systems and (why := run.ensure_perl_ds(install=False)):
         skipped["perl-ds"] = why
         systems.remove("perl-ds")
 

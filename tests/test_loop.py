@@ -900,3 +900,184 @@ async def test_any_object_with_event_step_can_be_requeued_and_requeue_itself() -
         async with ds_trio.loop():
             pass
     assert log[:6] == ["a", "callable", "post", "b", "post", "c"]
+
+
+@pytest.mark.parametrize("anyio_backend", MOCK)
+@pytest.mark.parametrize("action", ["requeue", "close"])
+async def test_work_or_close_from_post_loop_callback_makes_next_round_not_idle(
+    action: str,
+) -> None:
+    """Invariants 2 and 4: ``$nextq`` or ``$ToClose`` set → the next poll is 0.
+
+    An hour-long timer would bound a blocking poll: on the virtual clock
+    the next round (and the close's release) would then come an hour later.
+    """
+    a, b = socketpair()
+    log: list[tuple[str, float]] = []
+    try:
+        async with ds_trio.loop():
+            obj = Recorder(a, [], "r", events=0)
+            fd = a.fileno()
+            start = ds_trio.now()
+            ds_trio.add_timer(3600, print)
+
+            def post(dmap: dict[int, DS]) -> bool:
+                log.append(("post", ds_trio.now() - start))
+                if len(log) == 1:
+                    if action == "requeue":
+                        ds_trio.requeue(lambda: log.append(("ran", ds_trio.now())))
+                    else:
+                        obj.close()
+                    return True
+                if action == "close":
+                    log.append(("released", float(fd not in dmap)))
+                return False
+
+            ds_trio.SetPostLoopCallback(post)
+        assert log[:1] == [("post", 0.0)]
+        if action == "requeue":
+            assert log[1:] == [("ran", start), ("post", 0)]
+        else:
+            assert log[1:] == [("post", 0), ("released", 1.0)]
+            assert a.fileno() == -1
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("falsy", [False, 0, None, "", [], ()], ids=repr)
+async def test_any_false_value_from_post_loop_callback_ends_loop(
+    falsy: object,
+) -> None:
+    """Invariant 5: only the callback's truthiness counts (the seed's ``if``).
+
+    ``Daemon::worker_quit`` returns the number of busy clients, and an empty
+    ``sub {}`` returns an empty list: both end the loop once they are false.
+    """
+    answers: list[object] = [2, 1, "yes", [0], falsy]
+    calls: list[int] = []
+
+    def post(_map: dict[int, DS]) -> object:
+        calls.append(1)
+        return answers[len(calls) - 1]
+
+    ds_trio.SetLoopTimeout(0)
+    ds_trio.SetPostLoopCallback(post)
+    with anyio.fail_after(10):
+        async with ds_trio.loop() as lp:
+            pass
+    assert len(calls) == len(answers)
+    assert lp.statistics().rounds == len(answers)
+
+
+async def test_post_loop_callback_gets_the_live_registry() -> None:
+    """Invariant 5: the hook sees ``\\%DescriptorMap`` itself, not a copy."""
+    pairs = [socketpair() for _ in range(2)]
+    fds = [a.fileno() for a, _ in pairs]
+    seen: list[tuple[bool, list[int]]] = []
+    objs: list[Recorder] = []
+    try:
+
+        def post(dmap: dict[int, DS]) -> bool:
+            seen.append((dmap is ds_trio.DescriptorMap(), sorted(dmap)))
+            if len(seen) == 1:
+                # Registered now: in the map at once, for this very call.
+                objs.append(Recorder(pairs[1][0], [], "late", events=0))
+                seen.append((True, sorted(dmap)))
+                objs[0].close()
+                return True
+            return False
+
+        async with ds_trio.loop():
+            objs.append(Recorder(pairs[0][0], [], "early", events=0))
+            ds_trio.SetPostLoopCallback(post)
+        assert seen[0] == (True, [fds[0]])
+        assert seen[1] == (True, sorted(fds))
+        # The close made in the hook was released at the end of the next round.
+        assert seen[2] == (True, [fds[1]])
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_false_post_loop_callback_stops_after_the_current_round() -> None:
+    """Invariant 5: work queued during the last round waits for the next call.
+
+    The seed's ``EventLoop`` returns after ``PostEventLoop``; what its
+    callback or a timer queued stays in ``$nextq`` until ``EventLoop`` runs
+    again, and then runs first.
+    """
+    log: list[str] = []
+
+    def post(_map: dict[int, DS]) -> bool:
+        log.append("post")
+        ds_trio.requeue(lambda: log.append("queued by post"))
+        return False
+
+    ds_trio.add_timer(0, lambda: ds_trio.requeue(lambda: log.append("by timer")))
+    ds_trio.SetLoopTimeout(0)
+    ds_trio.SetPostLoopCallback(post)
+    ds_trio.EventLoop()
+    assert log == ["post"]
+    ds_trio.EventLoop()
+    assert log == ["post", "by timer", "queued by post", "post"]
+
+
+@pytest.mark.parametrize("anyio_backend", MOCK)
+async def test_without_post_loop_callback_loop_runs_while_an_object_is_registered() -> (
+    None
+):
+    """Invariant 5: no hook, no end (documented: the loop ends once nothing
+    is left, which a registered object never allows)."""
+    a, b = socketpair()
+    closed_at: list[float] = []
+    try:
+        async with ds_trio.loop() as lp:
+            start = ds_trio.now()
+            obj = Recorder(a, [], "idle")
+
+            def close_it() -> None:
+                closed_at.append(ds_trio.now() - start)
+                obj.close()
+
+            ds_trio.add_timer(86400, close_it)
+        assert closed_at == [86400]
+        assert trio.current_time() - start == 86400
+        assert lp.statistics().registered == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_reset_restores_the_default_loop_timeout_and_clears_the_hook() -> None:
+    """Invariant 9: ``Reset`` clears the post-loop callback and sets the loop
+    timeout back to -1.
+
+    With loop timeout 0 every round is non-blocking, so the virtual clock
+    never reaches an hour-long timer (the hook gives up after 100 rounds);
+    with -1 the loop idles until the timer: two rounds in all.
+    """
+    stale: list[str] = []
+    ds_trio.SetLoopTimeout(0)
+    ds_trio.SetPostLoopCallback(lambda _map: stale.append("called"))
+    ds_trio.Reset()
+    fired: list[float] = []
+    ds_trio.add_timer(0, fired.append, 0.0)
+    ds_trio.EventLoop()
+    assert fired == [0.0]
+    assert stale == []
+
+    rounds: list[float] = []
+
+    def post(_map: dict[int, DS]) -> bool:
+        rounds.append(ds_trio.now())
+        return not fired[1:] and len(rounds) < 100
+
+    ds_trio.add_timer(3600, lambda: fired.append(ds_trio.now()))
+    ds_trio.SetPostLoopCallback(post)
+    mock = {"clock": trio.testing.MockClock(autojump_threshold=0)}
+    ds_trio.EventLoop(backend_options=mock)
+    assert len(fired) == 2
+    assert rounds[-1] == fired[1]
+    assert len(rounds) <= 2

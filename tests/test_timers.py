@@ -555,6 +555,56 @@ async def test_zero_delay_timers_added_before_the_loop_fire_in_order() -> None:
     assert order == ["a", "b", "c"]
 
 
+@pytest.mark.parametrize("delay", [0, -1, -3600])
+async def test_due_timer_added_before_the_loop_fires_in_the_first_round(
+    delay: float,
+) -> None:
+    """Invariant 3: ``add_timer(0)`` (or negative) before ``EventLoop``.
+
+    The seed's first ``RunTimers`` samples ``now`` after ``next_tick`` and
+    fires it: the round counter is still 0, and the first post-loop call
+    (which ends the loop) comes after it.
+    """
+    log: list[object] = []
+
+    def post(_map: dict[int, ds_trio.DS]) -> bool:
+        log.append("post")
+        return False
+
+    ds_trio.add_timer(
+        delay, lambda: log.append(ds_trio.current_loop().statistics().rounds)
+    )
+    ds_trio.SetPostLoopCallback(post)
+    async with ds_trio.loop():
+        pass
+    assert log == [0, "post"]
+
+
+@pytest.mark.parametrize("delay", [0, -1])
+async def test_due_timer_added_by_a_requeued_item_fires_in_the_same_round(
+    delay: float,
+) -> None:
+    """The seed samples ``now`` after ``next_tick``: such a timer is due then."""
+    log: list[object] = []
+
+    def queued() -> None:
+        log.append(("queued", ds_trio.current_loop().statistics().rounds))
+        ds_trio.add_timer(
+            delay,
+            lambda: log.append(("timer", ds_trio.current_loop().statistics().rounds)),
+        )
+
+    def post(_map: dict[int, ds_trio.DS]) -> bool:
+        log.append("post")
+        return False
+
+    ds_trio.requeue(queued)
+    ds_trio.SetPostLoopCallback(post)
+    async with ds_trio.loop():
+        pass
+    assert log == [("queued", 0), ("timer", 0), "post"]
+
+
 @MOCK_CLOCK
 async def test_now_in_a_timer_callback_is_at_least_its_deadline() -> None:
     seen: list[tuple[float, float]] = []

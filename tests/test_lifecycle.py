@@ -163,6 +163,73 @@ async def test_close_from_post_loop_callback_is_released_in_the_next_round() -> 
         b.close()
 
 
+async def test_another_socket_object_on_a_registered_fd_number_is_refused() -> None:
+    """Invariant 8: the registry is keyed by fd number, as ``%DescriptorMap``.
+
+    A second socket object for the same number (``socket(fileno=...)``, as
+    Perl's ``fdopen``) is the seed's "clobbering" confess; the first object
+    keeps its entry and is still served.
+    """
+    a, b = socketpair()
+    alias = socket.socket(fileno=a.fileno())
+    try:
+        async with ds_trio.loop() as lp:
+            first = Recorder(a, [], "first")
+            with pytest.raises(ds_trio.AlreadyRegisteredError, match=str(a.fileno())):
+                Recorder(alias, [], "alias")
+            assert ds_trio.DescriptorMap() == {a.fileno(): first}
+            b.send(b"still served")
+            await wait_for(lambda: first.data == b"still served")
+            assert first.log == ["first"]
+            lp.stop()
+    finally:
+        alias.detach()  # a's number: never close it twice
+        b.close()
+
+
+async def test_fd_number_released_at_the_end_of_the_round_can_be_registered_again() -> (
+    None
+):
+    """Invariant 7: the entry and the fd live exactly until the round ends.
+
+    Once the deferred close is processed, the same fd number is free for a
+    new object, which is then registered and served normally.
+    """
+    a, b = socketpair()
+    c, d = socketpair()
+    got: dict[str, Any] = {}
+    try:
+        with anyio.fail_after(10):  # a hang guard: the old entry never leaves
+            async with ds_trio.loop():
+                fd = a.fileno()
+
+                def closer(obj: Recorder) -> None:
+                    obj.close()
+                    got["mapped after close"] = ds_trio.DescriptorMap().get(fd) is obj
+
+                Recorder(a, [], "old", on_step=closer)
+
+                def post(dmap: dict[int, DS]) -> bool:
+                    if "new" in got or fd in dmap:
+                        return "new" not in got or not got["new"].data
+                    got["fd open at post"] = _fd_is_open(fd)
+                    os.dup2(c.fileno(), fd)
+                    got["new"] = Recorder(socket.socket(fileno=fd), [], "new")
+                    d.send(b"to the new object")
+                    return True
+
+                ds_trio.SetPostLoopCallback(post)
+                b.send(b"x")
+        assert got["mapped after close"] is True
+        assert got["fd open at post"] is False
+        assert got["new"].data == b"to the new object"
+        assert got["new"].sock is None  # closed when the loop ended
+        assert not _fd_is_open(fd)
+    finally:
+        for sock in (a, b, c, d):
+            sock.close()
+
+
 class Stepper(DS):
     """Counts steps; the first one requeues the object instead of re-arming."""
 

@@ -364,6 +364,48 @@ async def test_pipelined_requests_in_one_send_with_a_slow_reader(root: Path) -> 
         await in_thread(lambda: client(addr))
 
 
+async def test_bodyless_responses_send_their_head_without_msg_more(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """httpd-corner.t's "no TCP_CORK on empty body", without timing.
+
+    A head sent with MSG_MORE and nothing after it waits ~200 ms in the
+    kernel, and a zero-length write does not push it out: a response
+    without a body must send its head with ``write``.
+    """
+    (root / "zero.txt").write_bytes(b"")
+    held: list[bytes] = []
+    real_msg_more = HTTPClient.msg_more
+
+    def spy(self: HTTPClient, data: bytes | bytearray | memoryview) -> bool:
+        held.append(bytes(data).split(b"\r\n", 1)[0])
+        return real_msg_more(self, data)
+
+    monkeypatch.setattr(HTTPClient, "msg_more", spy)
+    requests = [
+        b"GET /zero.txt HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"HEAD /small.txt HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /small.txt HTTP/1.1\r\nHost: x\r\nRange: bytes=5-\r\n\r\n",
+    ]
+
+    def client(addr: Addr) -> None:
+        with connect(addr) as sock, sock.makefile("rb") as f:
+            sock.sendall(requests[0])
+            assert read_response(f)[::2] == (200, b"")
+            assert held == []
+            sock.sendall(requests[1])
+            status, headers, _ = read_response(f, head_only=True)
+            assert (status, headers["content-length"]) == (200, "13")
+            assert held == []
+            # A body follows: the head goes with MSG_MORE (the spy works).
+            sock.sendall(requests[2])
+            assert read_response(f)[::2] == (206, b", world\n")
+            assert held == [b"HTTP/1.1 206 Partial Content"]
+
+    async with serving(root) as addr:
+        await in_thread(lambda: client(addr))
+
+
 async def test_trickled_request_one_byte_at_a_time(root: Path) -> None:
     request = (
         b"GET /small.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc"

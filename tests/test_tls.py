@@ -1022,6 +1022,69 @@ async def test_epbit_on_a_plain_socket_returns_its_argument() -> None:
         b.close()
 
 
+def _want_read(*_args: object) -> int:
+    raise ssl.SSLWantReadError("The operation did not complete (read)")
+
+
+def _want_write(*_args: object) -> int:
+    raise ssl.SSLWantWriteError("The operation did not complete (write)")
+
+
+async def test_tls_write_and_read_wait_for_the_direction_openssl_asks_for(
+    certs: Certs,
+) -> None:
+    # The seed's epbit(): a TLS write may have to read first (renegotiation,
+    # a key update) and a TLS read to write first.  write, flush_write and
+    # do_read arm the direction OpenSSL asked for, not their own; stock
+    # OpenSSL cannot be made to ask on demand, so the SSLSocket's send and
+    # recv report it here, once, on a live session.
+    a, b = socketpair()
+    stream = await anyio.abc.UNIXSocketStream.from_socket(b)
+    async with BioClient(stream, certs.client) as client, ds_trio.loop() as loop:
+        obj = LineServer(a, certs.server, implicit_tls=True)
+        with anyio.fail_after(10):
+            await client.handshake()
+            await client.send(b"ping\n")
+            assert await client.recv_exactly(5) == b"ping\n"
+            await wait_for(lambda: obj.wbuf is None)
+            sock = obj.sock
+
+            # A write that must read first: queued, EPOLLIN armed.
+            sock.send = _want_read
+            assert obj.write(b"pong\n") is False
+            assert obj._ev == IN_ONESHOT
+            assert obj.epbit(OUT_ONESHOT) == IN_ONESHOT
+            assert obj.flush_write() is False  # still wants to read
+            assert obj._ev == IN_ONESHOT
+            del sock.send
+            # Writable all along, yet it waits for readability.
+            for _ in range(20):
+                await anyio.lowlevel.checkpoint()
+            await anyio.wait_all_tasks_blocked()
+            assert queued_data(obj) == 1
+            # The peer's bytes wake it: the queued reply goes first.
+            await client.send(b"ping2\n")
+            expected = b"pong\nping2\n"
+            assert await client.recv_exactly(len(expected)) == expected
+            await wait_for(lambda: obj.wbuf is None)
+
+            # A read that must write first: EPOLLOUT armed, partial kept.
+            sock.recv = _want_write
+            partial = bytearray(b"pi")
+            assert obj.do_read(partial, 65536, len(partial)) == 0
+            assert obj.sock is sock
+            assert obj._ev == OUT_ONESHOT
+            assert obj.epbit(IN_ONESHOT) == OUT_ONESHOT
+            assert obj.rbuf is partial
+            del sock.recv
+            # Writable at once: it steps, reads (EAGAIN), waits to read
+            # again, and the kept bytes start the next line.
+            await client.send(b"ng3\n")
+            assert await client.recv_exactly(6) == b"ping3\n"
+        assert obj.sock is sock
+        loop.stop()
+
+
 # ----------------------------------------------------------------------
 # 6. Cancellation mid-handshake
 # ----------------------------------------------------------------------

@@ -524,6 +524,13 @@ class Loop(_State):
         # next round are handled in it.
         async for signum in signals:
             self.requeue_call(self.call, (handlers[signum], (signum,)))
+            # The seed's daemons read every pending signal from the signalfd
+            # in one wake-up and dispatched them all (t/sigfd.t: "TERM = 1,
+            # HUP = 3" after one iteration).  The receivers yield one signal
+            # per checkpoint, and the driver can start a round between two
+            # of them, so take the ones already received now.
+            for more in _received_signals(signals):
+                self.requeue_call(self.call, (handlers[more], (more,)))
 
     def _remove_signal_handlers(self) -> None:
         receiver, self._signal_receiver = self._signal_receiver, None
@@ -912,6 +919,26 @@ class Loop(_State):
                 self._finish_normally()
             if self._is_finished():
                 return
+
+
+def _received_signals(receiver: object) -> list[int]:
+    """Take the signals a receiver holds already, without waiting.
+
+    anyio's trio receiver wraps trio's (``_iterator``), which keeps them in
+    ``_pending`` (an ordered dict, one entry per signal number); anyio's
+    asyncio receiver keeps them in ``_signal_queue`` (a deque).  Neither
+    offers a public non-blocking read; without these attributes the
+    signals simply come one checkpoint apart.
+    """
+    receiver = getattr(receiver, "_iterator", receiver)
+    pending = getattr(receiver, "_pending", None)
+    if pending is None:
+        pending = getattr(receiver, "_signal_queue", None)
+    if not pending:
+        return []
+    taken = list(pending)
+    pending.clear()
+    return taken
 
 
 def _check_signals(

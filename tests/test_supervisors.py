@@ -1336,6 +1336,46 @@ async def test_signals_sent_back_to_back_are_all_handled(guard: SignalGuard) -> 
     assert guard.stray == []
 
 
+async def test_signals_pending_together_are_all_handled_in_one_round(
+    guard: SignalGuard,
+) -> None:
+    # t/sigfd.t: "Send TERM and HUP; run another iteration -> TERM = 1,
+    # HUP = 3": one wake-up drains every pending signal.  Here the signals
+    # are all pending before the loop can run anything, so every handler
+    # must run in the same round (the post-loop callback counts rounds).
+    extra = (signal.SIGWINCH, signal.SIGURG, signal.SIGALRM, signal.SIGTERM)
+    signums = GUARDED_SIGNALS + extra
+    saved = {signum: signal.getsignal(signum) for signum in extra}
+    rounds = 0
+    seen: dict[int, int] = {}
+
+    def count_round(_map: object) -> bool:
+        nonlocal rounds
+        rounds += 1
+        return True
+
+    def handler(signum: int) -> None:
+        seen[signum] = rounds
+
+    try:
+        for signum in extra:
+            signal.signal(signum, guard.handler)
+        with anyio.fail_after(GUARD):
+            async with ds_trio.loop(signals=dict.fromkeys(signums, handler)) as lp:
+                ds_trio.SetPostLoopCallback(count_round)
+                await anyio.lowlevel.checkpoint()
+                for signum in signums:
+                    os.kill(os.getpid(), signum)
+                await wait_for(lambda: len(seen) == len(signums))
+                lp.stop()
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+    assert sorted(seen) == sorted(signums)
+    assert len(set(seen.values())) == 1, seen
+    assert guard.stray == []
+
+
 async def test_signal_sent_before_the_first_checkpoint_is_handled(
     guard: SignalGuard,
 ) -> None:

@@ -393,6 +393,9 @@ class Loop(_State):
         self._token: contextvars.Token[Loop | None] | None = None
         self._idle_scope: CancelScopeLike | None = None
         self._kicked = False
+        # Set by the signal dispatcher for each signal it queues; the driver
+        # lets it take every pending one before running the queue.
+        self._signals_arriving = False
         self._body_done = False
         self._started = False
         self._finished = False
@@ -524,13 +527,7 @@ class Loop(_State):
         # next round are handled in it.
         async for signum in signals:
             self.requeue_call(self.call, (handlers[signum], (signum,)))
-            # The seed's daemons read every pending signal from the signalfd
-            # in one wake-up and dispatched them all (t/sigfd.t: "TERM = 1,
-            # HUP = 3" after one iteration).  The receivers yield one signal
-            # per checkpoint, and the driver can start a round between two
-            # of them, so take the ones already received now.
-            for more in _received_signals(signals):
-                self.requeue_call(self.call, (handlers[more], (more,)))
+            self._signals_arriving = True
 
     def _remove_signal_handlers(self) -> None:
         receiver, self._signal_receiver = self._signal_receiver, None
@@ -889,6 +886,16 @@ class Loop(_State):
     async def _driver(self) -> None:
         backend = self._require_backend()
         while True:
+            while self._signals_arriving:
+                # The seed's daemons read every pending signal from the
+                # signalfd in one wake-up and handled them all in that round
+                # (t/sigfd.t: "TERM = 1, HUP = 3" after one iteration).  A
+                # signal receiver hands over one signal per checkpoint, so
+                # yield until the dispatcher has taken them all: twice, as
+                # its turn may come after ours within one scheduling batch.
+                self._signals_arriving = False
+                await backend.checkpoint()
+                await backend.checkpoint()
             ran = self._run_queue()
             ran = self._run_timers() or ran
             if self._finished:
@@ -919,26 +926,6 @@ class Loop(_State):
                 self._finish_normally()
             if self._is_finished():
                 return
-
-
-def _received_signals(receiver: object) -> list[int]:
-    """Take the signals a receiver holds already, without waiting.
-
-    anyio's trio receiver wraps trio's (``_iterator``), which keeps them in
-    ``_pending`` (an ordered dict, one entry per signal number); anyio's
-    asyncio receiver keeps them in ``_signal_queue`` (a deque).  Neither
-    offers a public non-blocking read; without these attributes the
-    signals simply come one checkpoint apart.
-    """
-    receiver = getattr(receiver, "_iterator", receiver)
-    pending = getattr(receiver, "_pending", None)
-    if pending is None:
-        pending = getattr(receiver, "_signal_queue", None)
-    if not pending:
-        return []
-    taken = list(pending)
-    pending.clear()
-    return taken
 
 
 def _check_signals(

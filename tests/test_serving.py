@@ -1119,6 +1119,55 @@ async def test_graceful_shutdown_timeout_with_an_explicit_loop_while_two_loops_r
             stop_other.set()
 
 
+class SlowResponse(DS):
+    """A response in progress with nothing queued and nothing to read.
+
+    HTTP's ``busy`` counts a request whose response is still being made
+    (``exists $self->{env}``), e.g. while a backend works; here a timer
+    stands for the backend.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(sock, 0)
+        self.in_progress = True
+
+    def busy(self) -> bool:
+        return bool(self.in_progress or self.rbuf or self.wbuf)
+
+    def finish(self) -> None:
+        self.write(b"done\n")
+        self.in_progress = False
+
+    def event_step(self) -> None:  # pragma: no cover - never armed
+        pass
+
+
+@MOCK_CLOCK
+async def test_graceful_shutdown_keeps_a_response_in_progress_until_it_is_done(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # worker_quit asks busy() after every iteration: a response that ends
+    # without any I/O event (a timer finishes it) lets the loop end then,
+    # not at the timeout.
+    a, b = ds_trio.testing.socketpair()
+    try:
+        async with ds_trio.loop():
+            obj = SlowResponse(a)
+            start = ds_trio.now()
+            ds_trio.add_timer(10, obj.finish)
+            ds_trio.graceful_shutdown(timeout=30)
+            await anyio.sleep(9)
+            assert obj.sock is not None  # busy: kept
+            await anyio.sleep_forever()  # the loop ends by itself
+        ended = trio.current_time()
+        assert obj.sock is None
+        assert await recv_until_eof(b) == b"done\n"
+    finally:
+        b.close()
+    assert 10 <= ended - start < 11
+    assert "timed out" not in caplog.text
+
+
 # ----------------------------------------------------------------------
 # 5. DSStream
 # ----------------------------------------------------------------------

@@ -951,6 +951,73 @@ async def test_child_that_exited_before_registration_still_calls_back() -> None:
     assert gone(pid)
 
 
+async def test_reaping_never_takes_the_status_of_an_unregistered_child() -> None:
+    # The seed's reap_pids: "We can't use waitpid(-1) safely here since it
+    # can hit ``, system(), and other things."  A child that exited but
+    # was never registered stays a zombie for its owner (here subprocess),
+    # with its real status, while the loop reaps a registered sibling.
+    got = Collector()
+    release_r, release_w = os.pipe()
+    foreign = popen_child("exit 7")
+    try:
+        with anyio.fail_after(GUARD):
+            await anyio.to_thread.run_sync(
+                os.waitid, os.P_PID, foreign.pid, os.WEXITED | os.WNOWAIT
+            )
+        async with ds_trio.loop() as lp:
+            pid = fork_child(4, wait_fd=release_r, close_fd=release_w)
+            ds_trio.dwaitpid(pid, lambda _a, p: got.add(p, exit_code()))
+            os.write(release_w, b"x")
+            await got.wait()
+            await anyio.wait_all_tasks_blocked()
+            assert foreign.pid not in lp.children
+            assert foreign.pid in zombie_children()
+    finally:
+        os.close(release_r)
+        os.close(release_w)
+    assert got.calls == [(pid, 4)]
+    assert gone(pid)
+    assert foreign.wait() == 7  # not stolen: ECHILD would make this 0
+
+
+async def test_reaping_needs_no_sigchld_and_a_loop_sigchld_handler_runs_queued(
+    guard: SignalGuard,
+) -> None:
+    # The seed's SIGCHLD handler only enqueued reap_pids (enqueue_reap),
+    # and reaping ran from the loop.  ds_trio reaps through pidfds: it
+    # installs no SIGCHLD handler of its own, and one given to the loop
+    # runs from the run queue (uvloop: after the reap), beside the reap
+    # callback, which runs once, in the loop, with the child's status.
+    async with ds_trio.loop():
+        before = signal.getsignal(signal.SIGCHLD)
+        got = Collector()
+        ds_trio.dwaitpid(fork_child(3), lambda _a, p: got.add(p, exit_code()))
+        assert signal.getsignal(signal.SIGCHLD) is before
+        await got.wait()
+        assert signal.getsignal(signal.SIGCHLD) is before
+    sigchld = HandlerLog()
+    reaped = HandlerLog()
+    with anyio.fail_after(GUARD):
+        async with ds_trio.loop(signals={signal.SIGCHLD: sigchld}):
+            pid = fork_child(5)
+            codes: list[int] = []
+
+            def on_reap(_arg: object, _pid: int) -> None:
+                codes.append(exit_code())
+                reaped(0)
+
+            ds_trio.dwaitpid(pid, on_reap)
+            await wait_for(lambda: bool(sigchld.calls and reaped.calls))
+            await anyio.wait_all_tasks_blocked()
+    assert codes == [5]
+    assert reaped.in_loop == [True]
+    # At least once (another exiting child of the test process may add one).
+    assert set(sigchld.calls) == {signal.SIGCHLD}
+    assert all(sigchld.from_run_queue)
+    assert gone(pid)
+    assert guard.stray == []
+
+
 @pytest.mark.parametrize("register", ["dwaitpid", "awaitpid"])
 @pytest.mark.parametrize("which", ["parent", "init"])
 async def test_pid_that_is_not_our_child_raises_and_the_loop_goes_on(
@@ -1333,6 +1400,46 @@ async def test_signals_sent_back_to_back_are_all_handled(guard: SignalGuard) -> 
     for signum, log in handlers.items():
         assert log.calls == [signum]
         assert log.from_run_queue == [True]
+    assert guard.stray == []
+
+
+async def test_signals_pending_together_are_all_handled_in_one_round(
+    guard: SignalGuard,
+) -> None:
+    # t/sigfd.t: "Send TERM and HUP; run another iteration -> TERM = 1,
+    # HUP = 3": one wake-up drains every pending signal.  Here the signals
+    # are all pending before the loop can run anything, so every handler
+    # must run in the same round (the post-loop callback counts rounds).
+    extra = (signal.SIGWINCH, signal.SIGURG, signal.SIGALRM, signal.SIGTERM)
+    signums = GUARDED_SIGNALS + extra
+    saved = {signum: signal.getsignal(signum) for signum in extra}
+    rounds = 0
+    seen: dict[int, int] = {}
+
+    def count_round(_map: object) -> bool:
+        nonlocal rounds
+        rounds += 1
+        return True
+
+    def handler(signum: int) -> None:
+        seen[signum] = rounds
+
+    try:
+        for signum in extra:
+            signal.signal(signum, guard.handler)
+        with anyio.fail_after(GUARD):
+            async with ds_trio.loop(signals=dict.fromkeys(signums, handler)) as lp:
+                ds_trio.SetPostLoopCallback(count_round)
+                await anyio.lowlevel.checkpoint()
+                for signum in signums:
+                    os.kill(os.getpid(), signum)
+                await wait_for(lambda: len(seen) == len(signums))
+                lp.stop()
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+    assert sorted(seen) == sorted(signums)
+    assert len(set(seen.values())) == 1, seen
     assert guard.stray == []
 
 

@@ -408,7 +408,9 @@ class DS:
         the bytes back until the next plain write, so a response header and
         body leave in one segment without ``TCP_CORK``.  Otherwise exactly
         :meth:`write` (the base class's, never a subclass override).  End
-        every response with :meth:`write`, or the last piece waits ~200 ms.
+        every response with a :meth:`write` of at least one byte, or the
+        last piece waits ~200 ms: an empty write sends nothing, so it does
+        not push the held bytes out (nor did the seed's ``syswrite``).
         """
         return _wbuf.msg_more(self, data)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,15 @@ async def roundtrip(sock: socket.socket, payload: bytes) -> bytes:
         assert chunk, "echo peer closed early"
         received += chunk
     return bytes(received)
+
+
+def fd_is_open(fd: int) -> bool:
+    """Whether ``fd`` is an open descriptor of this process."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
 
 
 def pair() -> tuple[socket.socket, socket.socket]:

@@ -19,17 +19,9 @@ import ds_trio
 from ds_trio import DS, EPOLLIN, EPOLLONESHOT
 from ds_trio.testing import socketpair
 
-from .helpers import Recorder, wait_for
+from .helpers import Recorder, fd_is_open, wait_for
 
 pytestmark = pytest.mark.anyio
-
-
-def _fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 def _eof_or_pending(sock: socket.socket) -> bytes | None:
@@ -154,7 +146,7 @@ async def test_close_from_post_loop_callback_is_released_in_the_next_round() -> 
             def post(dmap: dict[int, DS]) -> bool:
                 if obj.sock is not None:
                     obj.close()
-                seen.append((dmap.get(fd) is obj, _fd_is_open(fd)))
+                seen.append((dmap.get(fd) is obj, fd_is_open(fd)))
                 return len(seen) < 2
 
             ds_trio.SetPostLoopCallback(post)
@@ -212,7 +204,7 @@ async def test_fd_number_released_at_the_end_of_the_round_can_be_registered_agai
                 def post(dmap: dict[int, DS]) -> bool:
                     if "new" in got or fd in dmap:
                         return "new" not in got or not got["new"].data
-                    got["fd open at post"] = _fd_is_open(fd)
+                    got["fd open at post"] = fd_is_open(fd)
                     os.dup2(c.fileno(), fd)
                     got["new"] = Recorder(socket.socket(fileno=fd), [], "new")
                     d.send(b"to the new object")
@@ -224,7 +216,7 @@ async def test_fd_number_released_at_the_end_of_the_round_can_be_registered_agai
         assert got["fd open at post"] is False
         assert got["new"].data == b"to the new object"
         assert got["new"].sock is None  # closed when the loop ended
-        assert not _fd_is_open(fd)
+        assert not fd_is_open(fd)
     finally:
         for sock in (a, b, c, d):
             sock.close()
@@ -370,7 +362,7 @@ async def test_closed_object_is_not_stepped_for_input_before_its_fd_is_released(
             fd = a.fileno()
 
             def post(dmap: dict[int, DS]) -> bool:
-                seen.append((dmap.get(fd) is obj, _fd_is_open(fd)))
+                seen.append((dmap.get(fd) is obj, fd_is_open(fd)))
                 if len(seen) == 1:
                     obj.close()
                     b.send(b"too late")

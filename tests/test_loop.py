@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import socket
 import threading
 from typing import Any
@@ -17,7 +16,7 @@ import ds_trio
 from ds_trio import DS, EPOLLIN, EPOLLONESHOT
 from ds_trio.testing import assert_no_leaks, socketpair
 
-from .helpers import Echo, Recorder, wait_for
+from .helpers import Echo, Recorder, fd_is_open, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -138,7 +137,7 @@ async def test_close_defers_fd_release_to_end_of_round() -> None:
         assert obj.close() is False
         assert obj.close() is False  # idempotent
         seen["in_map_after_close"] = ds_trio.DescriptorMap().get(fd) is obj
-        seen["fd_open_after_close"] = _fd_is_open(fd)
+        seen["fd_open_after_close"] = fd_is_open(fd)
         # A socket created in the same round cannot get the same number.
         fresh = socket.socket()
         seen["fresh_fd"] = fresh.fileno()
@@ -146,7 +145,7 @@ async def test_close_defers_fd_release_to_end_of_round() -> None:
 
     def post(dmap: dict[int, DS]) -> bool:
         seen["in_map_at_post"] = seen["fd"] in dmap
-        seen["fd_open_at_post"] = _fd_is_open(seen["fd"])
+        seen["fd_open_at_post"] = fd_is_open(seen["fd"])
         return False
 
     try:
@@ -161,14 +160,6 @@ async def test_close_defers_fd_release_to_end_of_round() -> None:
         assert a.fileno() == -1
     finally:
         b.close()
-
-
-def _fd_is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 async def test_close_from_timer_completes_without_other_io() -> None:
